@@ -1,0 +1,125 @@
+"""POST /jobs, GET /jobs/<id>, DELETE /jobs/<id>."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from flask import Blueprint, current_app, g, jsonify, request
+
+from api.errors import BadRequest, Conflict, NotFound, TooManyRequests
+from api.validation import check_items, parse_submission
+from celeryconfig import PRIORITIES
+
+bp = Blueprint("jobs", __name__)
+TASK_NAME = "tasks.infer"
+
+
+def _store():
+    return current_app.extensions["jobstore"]
+
+
+def _job_or_404(job_id: str) -> None:
+    try:
+        uuid.UUID(job_id)
+    except ValueError:
+        raise NotFound(f"no job {job_id!r}") from None
+    owner = _store().owner(job_id)
+    if owner is None or owner != g.owner:
+        raise NotFound(f"no job {job_id!r}")
+
+
+def _accepted(job: dict, status_code: int = 202):
+    body = {"id": job["id"], "status": job["status"], "model": job["model"],
+            "priority": job["priority"], "url": f"/jobs/{job['id']}"}
+    response = jsonify(body)
+    response.status_code = status_code
+    response.headers["Location"] = body["url"]
+    return response
+
+
+@bp.post("/jobs")
+def submit():
+    """Validate, record, publish; 202 only once the broker holds the message."""
+    cfg = current_app.config
+    sub = parse_submission(request)
+    spec = current_app.extensions["registry"].get(sub.model)  # UnknownModel -> 404
+    check_items(spec, sub.items, max_inputs=cfg["MAX_INPUTS"], max_text_chars=cfg["MAX_TEXT_CHARS"],
+                max_pixels=cfg["MAX_IMAGE_PIXELS"])
+    store = _store()
+    depth = sum(store.queue_depths(spec.queue, PRIORITIES).values())
+    if depth >= cfg["MAX_QUEUED"]:
+        raise TooManyRequests(f"model {spec.name!r} has {depth} jobs queued (limit {cfg['MAX_QUEUED']})",
+                              headers={"Retry-After": "5"})
+    job_id = str(uuid.uuid4())
+    idem_key = request.headers.get("Idempotency-Key")
+    if idem_key is not None:
+        if not 1 <= len(idem_key) <= 200:
+            raise BadRequest("Idempotency-Key must be 1 to 200 characters")
+        existing = store.reserve_idempotency_key(g.owner, idem_key, job_id)
+        if existing:
+            job = _wait_for_record(existing)
+            if job is not None:
+                return _accepted(job)
+    now = time.time()
+    deadline = now + sub.timeout_s if sub.timeout_s else None
+    try:
+        store.create(job_id, model=spec.name, priority=sub.priority, owner=g.owner,
+                     n_inputs=len(sub.items), single=sub.single, deadline=deadline, now=now)
+        current_app.extensions["celery"].send_task(
+            TASK_NAME, task_id=job_id, queue=spec.queue, priority=PRIORITIES[sub.priority],
+            kwargs={"model": spec.name, "inputs": sub.items, "single": sub.single})
+    except Exception:
+        _undo(store, job_id, idem_key)
+        raise
+    store.count_submitted(spec.name, sub.priority)
+    return _accepted({"id": job_id, "status": "queued", "model": spec.name, "priority": sub.priority})
+
+
+def _undo(store, job_id: str, idem_key: str | None) -> None:
+    try:
+        store.forget(job_id)
+        if idem_key is not None:
+            store.release_idempotency_key(g.owner, idem_key)
+    except Exception:  # Redis itself is down: nothing was issued either way
+        pass
+
+
+def _wait_for_record(job_id: str, timeout_s: float = 2.0) -> dict | None:
+    """A concurrent twin holds the key; its record appears once it has published."""
+    end = time.monotonic() + timeout_s
+    while True:
+        job = _store().get(job_id)
+        if job is not None or time.monotonic() > end:
+            return job
+        time.sleep(0.02)
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str):
+    _job_or_404(job_id)
+    raw_wait = request.args.get("wait")
+    wait = 0.0
+    if raw_wait is not None:
+        try:
+            wait = float(raw_wait)
+        except ValueError:
+            raise BadRequest("wait must be a number of seconds") from None
+        if not 0 <= wait <= current_app.config["MAX_WAIT_S"]:
+            raise BadRequest(f"wait must be between 0 and {current_app.config['MAX_WAIT_S']} seconds")
+    job = _store().wait(job_id, wait)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return jsonify(job)
+
+
+@bp.delete("/jobs/<job_id>")
+def cancel_job(job_id: str):
+    _job_or_404(job_id)
+    cancelled, status = _store().cancel(job_id)
+    if status is None:
+        raise NotFound(f"no job {job_id!r}")
+    if not cancelled:
+        raise Conflict(f"job {job_id} is {status}; only queued jobs can be cancelled")
+    return jsonify(_store().get(job_id))
+

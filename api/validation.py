@@ -1,0 +1,120 @@
+"""Request validation for POST /jobs: JSON (pydantic) or multipart, then per-model checks."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+from flask import Request
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from api.errors import BadRequest, TooLarge, UnsupportedMedia
+from models.exceptions import InvalidInput
+from models.images import b64_to_bytes, check_image
+from models.registry import ModelSpec
+
+
+class ImageInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image_b64: StrictStr = Field(min_length=1, description="base64 JPEG/PNG/WebP/GIF bytes")
+
+
+InputItem = Union[StrictStr, ImageInput]
+
+
+class SubmitBody(BaseModel):
+    """The JSON body of POST /jobs: exactly one of ``input`` or ``inputs``."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: StrictStr = Field(min_length=1, max_length=200)
+    input: InputItem | None = None
+    inputs: list[InputItem] | None = Field(default=None, min_length=1)
+    priority: Literal["high", "normal", "low"] = "normal"
+    timeout_s: StrictFloat | StrictInt | None = Field(default=None, gt=0, le=86400)
+
+
+@dataclass
+class Submission:
+    model: str
+    items: list[Any]
+    single: bool
+    priority: str
+    timeout_s: float | None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_submission(request: Request) -> Submission:
+    """Read a submission from JSON or multipart; raises 400/415 on shape errors."""
+    if request.mimetype == "application/json":
+        data = request.get_json(silent=True)
+        if data is None:
+            raise BadRequest("the body is not valid JSON")
+        if not isinstance(data, dict):
+            raise BadRequest("the body must be a JSON object")
+    elif request.mimetype == "multipart/form-data":
+        data = _from_multipart(request)
+    else:
+        raise UnsupportedMedia("send application/json, or multipart/form-data for image uploads")
+    try:
+        body = SubmitBody.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(_describe(exc)) from None
+    if (body.input is None) == (body.inputs is None):
+        raise BadRequest("give exactly one of 'input' or 'inputs'")
+    raw = [body.input] if body.inputs is None else body.inputs
+    items = [item.model_dump() if isinstance(item, ImageInput) else item for item in raw]
+    return Submission(body.model, items, body.inputs is None, body.priority, body.timeout_s)
+
+
+def _from_multipart(request: Request) -> dict[str, Any]:
+    form = request.form
+    files = request.files.getlist("image") or request.files.getlist("images")
+    if not files:
+        raise BadRequest("multipart submissions need an 'image' file field")
+    data: dict[str, Any] = {"model": form.get("model", "")}
+    if "priority" in form:
+        data["priority"] = form["priority"]
+    if "timeout_s" in form:
+        try:
+            data["timeout_s"] = float(form["timeout_s"])
+        except ValueError:
+            raise BadRequest("timeout_s must be a number") from None
+    encoded = [{"image_b64": base64.b64encode(f.read()).decode()} for f in files]
+    if len(encoded) == 1:
+        data["input"] = encoded[0]
+    else:
+        data["inputs"] = encoded
+    return data
+
+
+def check_items(spec: ModelSpec, items: list[Any], *, max_inputs: int, max_text_chars: int,
+                max_pixels: int) -> None:
+    """Check inputs against the model's input kind and the size limits."""
+    if len(items) > max_inputs:
+        raise TooLarge(f"{len(items)} inputs in one job; the limit is {max_inputs}")
+    for i, item in enumerate(items):
+        where = "input" if len(items) == 1 else f"inputs[{i}]"
+        if spec.input_kind == "text":
+            if not isinstance(item, str):
+                raise BadRequest(f"{where}: model {spec.name!r} takes text, got an object")
+            if not item.strip():
+                raise BadRequest(f"{where}: text is empty")
+            if len(item) > max_text_chars:
+                raise TooLarge(f"{where}: text is {len(item)} characters; the limit is {max_text_chars}")
+        else:
+            if not isinstance(item, dict):
+                raise BadRequest(f'{where}: model {spec.name!r} takes images: {{"image_b64": "..."}}')
+            try:
+                check_image(b64_to_bytes(item["image_b64"]), max_pixels)
+            except InvalidInput as exc:
+                if "pixels" in str(exc):
+                    raise TooLarge(f"{where}: {exc}") from None
+                raise BadRequest(f"{where}: {exc}") from None

@@ -1,0 +1,86 @@
+"""The runner contract: load / preprocess / forward / postprocess.
+
+Only ``forward`` touches the device, under ``torch.inference_mode``; the rest
+is plain Python. ``run`` checks that one result comes back per input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from models.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(wanted: str) -> str:
+    """``auto`` is CUDA when torch sees a GPU, else CPU."""
+    import torch
+
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {wanted!r} asked for but torch sees no CUDA device")
+    return wanted
+
+
+def set_threads(threads: int) -> int:
+    """Pin this process's torch intra-op threads so workers do not oversubscribe cores."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable once, before any parallel work
+        pass
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return threads
+
+
+class Runner:
+    """Base class: subclasses implement the four steps."""
+
+    def __init__(self, spec: ModelSpec, device: str = "cpu"):
+        self.spec = spec
+        self.device = device
+        self.load_seconds: float | None = None
+
+    def load(self) -> None:
+        raise NotImplementedError("must load the model onto self.device")
+
+    def preprocess(self, item: Any) -> Any:
+        """One input as sent by the client -> what forward takes; raises InvalidInput."""
+        raise NotImplementedError("must implement preprocess(item)")
+
+    def forward(self, batch: list[Any]) -> Any:
+        raise NotImplementedError("must implement forward(batch)")
+
+    def postprocess(self, outputs: Any, n: int) -> list[Any]:
+        """Model outputs for n items -> n plain JSON-able results."""
+        raise NotImplementedError("must implement postprocess(outputs, n)")
+
+    def timed_load(self) -> float:
+        start = time.perf_counter()
+        self.load()
+        self.load_seconds = time.perf_counter() - start
+        log.info("loaded model %s on %s in %.2fs", self.spec.name, self.device, self.load_seconds)
+        return self.load_seconds
+
+    def run(self, prepared: list[Any]) -> list[Any]:
+        """Forward and postprocess already-preprocessed items as one batch."""
+        import torch
+
+        with torch.inference_mode():
+            outputs = self.forward(prepared)
+        results = self.postprocess(outputs, len(prepared))
+        if len(results) != len(prepared):
+            raise RuntimeError(
+                f"runner {type(self).__name__} returned {len(results)} results for {len(prepared)} inputs")
+        return results
+
+    def __call__(self, items: list[Any]) -> list[Any]:
+        """Convenience: preprocess, forward and postprocess a list of raw inputs."""
+        return self.run([self.preprocess(item) for item in items])

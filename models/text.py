@@ -1,0 +1,120 @@
+"""Text runners: sentence-transformers embeddings, zero-shot over them, transformers classifiers."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+from models.base import Runner
+from models.exceptions import ConfigError, InvalidInput
+
+
+def resolve_location(location: str) -> str:
+    """``pkg:module`` -> the directory that package ships (``module.get_model_path()``);
+    a directory or a hub id is returned as it is."""
+    if location.startswith("pkg:"):
+        module_name = location[4:]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(f"package {module_name!r} is not installed: {exc}") from None
+        if not hasattr(module, "get_model_path"):
+            raise ConfigError(f"package {module_name!r} has no get_model_path()")
+        return str(module.get_model_path())
+    return location
+
+
+def _offline_if_local(path: str) -> None:
+    # A local directory needs no hub; saying so up front avoids network time-outs.
+    if Path(path).is_dir():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def check_text(item: Any) -> str:
+    if not isinstance(item, str):
+        raise InvalidInput(f"text input must be a string, got {type(item).__name__}")
+    if not item.strip():
+        raise InvalidInput("text input is empty")
+    return item
+
+
+class SentenceEmbeddingRunner(Runner):
+    """Embeddings from any sentence-transformers model id or directory, L2-normalised."""
+
+    def load(self) -> None:
+        path = resolve_location(self.spec.source_location)
+        _offline_if_local(path)
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(path, device=self.device)
+        self.model.eval()
+
+    def preprocess(self, item: Any) -> str:
+        return check_text(item)
+
+    def embed(self, texts: list[str]):
+        return self.model.encode(
+            texts, batch_size=max(1, len(texts)), normalize_embeddings=True,
+            convert_to_tensor=True, show_progress_bar=False)
+
+    def forward(self, batch: list[str]):
+        return self.embed(batch)
+
+    def postprocess(self, outputs, n: int) -> list[dict]:
+        rows = outputs.float().cpu().tolist()
+        return [{"embedding": row, "dim": len(row)} for row in rows]
+
+
+class ZeroShotTextRunner(SentenceEmbeddingRunner):
+    """Text classification without a trained head: cosine similarity of the text's
+    embedding to each label's (mean of its descriptions), softmax with a temperature."""
+
+    def load(self) -> None:
+        import torch
+
+        super().load()
+        self.labels = list(self.spec.labels)
+        self.scale = float(self.spec.options.get("scale", 20.0))
+        with torch.inference_mode():
+            rows = [self.embed(descs).mean(0) for descs in self.spec.labels.values()]
+            self.label_matrix = torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+    def forward(self, batch: list[str]):
+        return (self.embed(batch) @ self.label_matrix.T * self.scale).softmax(-1)
+
+    def postprocess(self, outputs, n: int) -> list[dict]:
+        return [_label_scores(self.labels, row) for row in outputs.float().cpu().tolist()]
+
+
+def _label_scores(labels: list[str], probs: list[float]) -> dict:
+    best = max(range(len(labels)), key=probs.__getitem__)
+    return {"label": labels[best], "score": probs[best], "scores": dict(zip(labels, probs))}
+
+
+class HFTextClassifierRunner(Runner):
+    """Any AutoModelForSequenceClassification, from a hub id or a save_pretrained directory."""
+
+    def load(self) -> None:
+        path = resolve_location(self.spec.source_location)
+        _offline_if_local(path)
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
+        config = self.model.config
+        self.labels = [config.id2label[i] for i in range(config.num_labels)]
+        limit = getattr(self.tokenizer, "model_max_length", 512) or 512
+        self.max_length = min(limit, getattr(config, "max_position_embeddings", limit) or limit, 4096)
+
+    def preprocess(self, item: Any) -> str:
+        return check_text(item)
+
+    def forward(self, batch: list[str]):
+        encoded = self.tokenizer(batch, padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt").to(self.device)
+        return self.model(**encoded).logits.float().softmax(-1)
+
+    def postprocess(self, outputs, n: int) -> list[dict]:
+        return [_label_scores(self.labels, row) for row in outputs.cpu().tolist()]

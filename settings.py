@@ -1,0 +1,56 @@
+"""Every setting that is not Celery's, read once from the environment.
+
+Celery's own settings (broker, result backend) live in ``celeryconfig.py``;
+this module holds the rest so ``os.environ`` is read in exactly two places.
+Each name is the environment variable that overrides it; the README lists
+them all.
+"""
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _list(name: str, default: str = "") -> list[str]:
+    return [part.strip() for part in os.environ.get(name, default).split(",") if part.strip()]
+
+
+#: TOML file describing the models this deployment can serve.
+MODELS_FILE = os.environ.get("MODELS_FILE", str(ROOT / "models.toml"))
+#: Comma list of model names to serve; empty means every model in MODELS_FILE.
+MODELS = _list("MODELS")
+#: Comma list of accepted API keys; empty disables authentication.
+API_KEYS = _list("API_KEYS")
+#: Largest request body in bytes (413 beyond it).
+MAX_BODY_BYTES = _int("MAX_BODY_BYTES", 10 * 1024 * 1024)
+#: Longest text input in characters.
+MAX_TEXT_CHARS = _int("MAX_TEXT_CHARS", 10_000)
+#: Most items in one job's ``inputs`` list.
+MAX_INPUTS = _int("MAX_INPUTS", 256)
+#: Largest image, in pixels (width x height); larger ones are refused.
+MAX_IMAGE_PIXELS = _int("MAX_IMAGE_PIXELS", 40_000_000)
+#: Most jobs waiting in one model's queue before POST /jobs answers 429.
+MAX_QUEUED = _int("MAX_QUEUED", 10_000)
+#: Longest ``?wait=`` a client may ask for, in seconds.
+MAX_WAIT_S = 30
+#: How long a job record and its result are kept, in seconds.
+JOB_TTL_S = _int("JOB_TTL_S", 24 * 3600)
+#: How many times a job may be delivered to a worker before it fails for good.
+MAX_DELIVERIES = _int("MAX_DELIVERIES", 5)
+#: Retries (with exponential backoff and jitter) for transient errors.
+MAX_RETRIES = _int("MAX_RETRIES", 3)
+#: Torch threads per worker process; 0 picks cores / models served on this host.
+TORCH_THREADS = _int("TORCH_THREADS", 0)
+#: Device for models that do not name one: auto (CUDA when available), cpu or cuda.
+DEVICE = os.environ.get("DEVICE", "auto")

@@ -1,0 +1,1 @@
+"""Celery task definitions: thin, they deserialize, call ``models``, store per-job results."""

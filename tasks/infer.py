@@ -1,0 +1,132 @@
+"""``tasks.infer``: one batch of jobs for the model this worker serves.
+
+Runs in a pool process. Per batch: claim every job atomically (skipping
+cancelled, expired, already-finished and over-delivered ones), run the rest
+through ``workers.batching.execute``, retry transient failures with backoff
+and jitter, store every result in one Redis round trip, send per-job events,
+and return the ids that may be acked. A job is never acked before its
+result is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+import settings
+from celeryconfig import PRIORITIES
+
+PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
+from workers import state
+from workers.app import app
+from workers.batching import Job, Outcome, error_dict, execute
+from workers.consumer import ModelBatches
+
+log = logging.getLogger(__name__)
+TASK_NAME = "tasks.infer"
+
+
+def backoff_s(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    return random.uniform(0, min(cap, base * 2 ** max(0, attempt - 1)))
+
+
+_dispatcher = None
+
+
+def _events(hostname: str):
+    """This process's event dispatcher (Flower reads per-job events from it)."""
+    global _dispatcher
+    if _dispatcher is None:
+        _dispatcher = app.events.Dispatcher(app.connection_for_write(), hostname=hostname,
+                                            enabled=app.conf.worker_send_task_events)
+    return _dispatcher
+
+
+def _send(hostname: str, kind: str, **fields: Any) -> None:
+    try:
+        _events(hostname).send(kind, **fields)
+    except Exception as exc:  # events are best effort; results are not
+        log.debug("event %s not sent: %s", kind, exc)
+
+
+@app.task(base=ModelBatches, name=TASK_NAME, bind=True)
+def infer(self, requests) -> list[str]:
+    """Run a batch; return the ids of the requests that are finished (to be acked)."""
+    spec = state.spec
+    store = state.store()
+    hostname = requests[0].hostname if requests else "worker"
+    started = time.time()
+    verdicts = store.claim([r.id for r in requests], hostname, len(requests), settings.MAX_DELIVERIES,
+                           now=started)
+    jobs, attempts, finished, acked = [], {}, [], []
+    for request, (verdict, detail) in zip(requests, verdicts):
+        kwargs = request.kwargs or {}
+        if verdict == "skip":
+            acked.append(request.id)  # already cancelled/expired/finished: drop the duplicate
+        elif verdict == "expired":
+            finished.append({"id": request.id, "status": "expired", "error": {
+                "type": "Expired", "message": "the job's deadline passed before it started"}})
+        elif verdict == "exhausted":
+            finished.append({"id": request.id, "status": "failed", "error": {
+                "type": "TooManyDeliveries",
+                "message": f"delivered {detail} times without finishing; not trying again"}})
+        elif spec is None or kwargs.get("model") != spec.name:
+            finished.append({"id": request.id, "status": "failed", "error": {
+                "type": "WrongModel",
+                "message": f"job for {kwargs.get('model')!r} reached a worker serving "
+                           f"{spec.name if spec else None!r}"}})
+        else:
+            attempts[request.id] = int(detail or 1)
+            jobs.append(Job(request.id, list(kwargs.get("inputs") or []), bool(kwargs.get("single", True))))
+            _send(hostname, "task-started", uuid=request.id, pid=__import__("os").getpid())
+
+    outcomes = _run(jobs)
+    by_id = {r.id: r for r in requests}
+    for outcome in outcomes:
+        if outcome.status == "retry":
+            finished.append(_retry(self, by_id[outcome.job_id], outcome, attempts[outcome.job_id]))
+        else:
+            finished.append({"id": outcome.job_id, "status": outcome.status,
+                             "result": outcome.result, "error": outcome.error})
+    for item in finished:
+        request = by_id[item["id"]]
+        item["model"] = (request.kwargs or {}).get("model")
+        item["priority"] = PRIORITY_NAMES.get((request.delivery_info or {}).get("priority"), "normal")
+    if finished:
+        store.finish(finished)  # raises if Redis is gone: nothing is acked, all come back
+    runtime = time.time() - started
+    for item in finished:
+        if item["status"] == "succeeded":
+            _send(hostname, "task-succeeded", uuid=item["id"], runtime=runtime, result="<stored>")
+        elif item["status"] in ("failed", "expired"):
+            err = item.get("error") or {}
+            _send(hostname, "task-failed", uuid=item["id"], exception=f"{err.get('type')}: {err.get('message')}",
+                  traceback="")
+        elif item["status"] == "retrying":
+            _send(hostname, "task-retried", uuid=item["id"], exception=str(item.get("error")), traceback="")
+    log.info("batch of %d (%d run) in %.1f ms", len(requests), len(jobs), runtime * 1000)
+    return acked + [item["id"] for item in finished]
+
+
+def _run(jobs: list[Job]) -> list[Outcome]:
+    if not jobs:
+        return []
+    try:
+        runner = state.runner()
+    except Exception as exc:  # a model that will not load: retry, then fail
+        log.exception("model failed to load")
+        return [Outcome(job.id, "retry", error=error_dict(exc)) for job in jobs]
+    return execute(runner, jobs, state.spec.max_batch_size)
+
+
+def _retry(task, request, outcome: Outcome, attempt: int) -> dict[str, Any]:
+    if attempt > settings.MAX_RETRIES:
+        return {"id": outcome.job_id, "status": "failed", "error": outcome.error}
+    priority = (request.delivery_info or {}).get("priority")
+    task.app.send_task(TASK_NAME, kwargs=request.kwargs, task_id=request.id,
+                       queue=state.spec.queue, countdown=backoff_s(attempt),
+                       priority=PRIORITIES["normal"] if priority is None else priority)
+    return {"id": outcome.job_id, "status": "retrying", "error": outcome.error}

@@ -1,0 +1,260 @@
+"""Job records in Redis: what the API issued, what state each job is in.
+
+A job is a hash ``job:<id>`` written by the API before the message is
+published; workers move it on with atomic Lua scripts, so a cancelled or
+expired job can never also start, and a redelivered finished job never runs
+twice. The result itself lives where Celery keeps it (``celery-task-meta-<id>``)
+so ``AsyncResult`` and Flower read it too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import redis
+
+TERMINAL = ("succeeded", "failed", "cancelled", "expired")
+STATUSES = ("queued", "running", "retrying") + TERMINAL
+_CELERY_STATE = {"succeeded": "SUCCESS", "failed": "FAILURE", "cancelled": "REVOKED", "expired": "REVOKED"}
+
+# KEYS[1] job hash. ARGV: now, worker, batch_size, max_deliveries.
+# -> {"run", attempts} | {"skip", status} | {"expired"} | {"exhausted", attempts} | {"missing"}
+_CLAIM = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return {'missing'} end
+if st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' then
+  return {'skip', st}
+end
+local deadline = redis.call('HGET', KEYS[1], 'deadline')
+if deadline and deadline ~= '' and tonumber(deadline) < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'status', 'expired', 'finished_at', ARGV[1])
+  return {'expired'}
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if attempts > tonumber(ARGV[4]) then
+  return {'exhausted', attempts}
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2],
+           'batch_size', ARGV[3])
+return {'run', attempts}
+"""
+
+# KEYS[1] job hash. ARGV: now. -> 'now-cancelled', or the status it already had
+_CANCEL = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st == 'queued' or st == 'retrying' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
+  return 'now-cancelled'
+end
+return st
+"""
+
+
+def iso(ts: str | float | None) -> str | None:
+    """Epoch seconds -> ``2026-11-22T10:00:00.000Z``."""
+    if ts in (None, ""):
+        return None
+    dt = datetime.fromtimestamp(float(ts), tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def done_channel(job_id: str) -> str:
+    return f"jobs:done:{job_id}"
+
+
+def result_key(job_id: str) -> str:
+    return f"celery-task-meta-{job_id}"
+
+
+class JobStore:
+    """Reads and writes job records; one instance per process."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int):
+        self.r = client
+        self.ttl_s = ttl_s
+        self._claim = client.register_script(_CLAIM)
+        self._cancel = client.register_script(_CANCEL)
+
+    @classmethod
+    def from_url(cls, url: str, ttl_s: int) -> "JobStore":
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5,
+                                      health_check_interval=30, decode_responses=True)
+        return cls(client, ttl_s)
+
+    @staticmethod
+    def key(job_id: str) -> str:
+        return f"job:{job_id}"
+
+    # -- API side ---------------------------------------------------------
+    def create(self, job_id: str, *, model: str, priority: str, owner: str, n_inputs: int,
+               single: bool, deadline: float | None, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        pipe = self.r.pipeline()
+        pipe.hset(self.key(job_id), mapping={
+            "model": model, "priority": priority, "owner": owner, "status": "queued",
+            "created_at": repr(now), "deadline": "" if deadline is None else repr(deadline),
+            "attempts": 0, "n_inputs": n_inputs, "single": int(single),
+        })
+        pipe.expire(self.key(job_id), self.ttl_s)
+        pipe.execute()
+
+    def forget(self, job_id: str) -> None:
+        """Undo ``create`` when the message could not be published."""
+        self.r.delete(self.key(job_id))
+
+    def reserve_idempotency_key(self, owner: str, key: str, job_id: str) -> str | None:
+        """Claim ``key`` for ``job_id``; returns the job id that already holds it, if any."""
+        name = f"idem:{owner}:{key}"
+        if self.r.set(name, job_id, nx=True, ex=self.ttl_s):
+            return None
+        return self.r.get(name)
+
+    def release_idempotency_key(self, owner: str, key: str) -> None:
+        self.r.delete(f"idem:{owner}:{key}")
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        """The job as GET /jobs/<id> shows it, or None if never issued (or expired)."""
+        pipe = self.r.pipeline()
+        pipe.hgetall(self.key(job_id))
+        pipe.get(result_key(job_id))
+        record, meta = pipe.execute()
+        if not record:
+            return None
+        return self.view(job_id, record, meta)
+
+    @staticmethod
+    def view(job_id: str, record: dict[str, str], meta: str | None) -> dict[str, Any]:
+        status = record.get("status", "queued")
+        result = error = None
+        if meta and status in TERMINAL:
+            payload = json.loads(meta)
+            if status == "succeeded":
+                result = payload.get("result")
+        if record.get("error"):
+            error = json.loads(record["error"])
+
+        def ms(a: str, b: str) -> float | None:
+            if record.get(a) and record.get(b):
+                return round((float(record[b]) - float(record[a])) * 1000, 2)
+            return None
+
+        return {
+            "id": job_id, "model": record.get("model"), "priority": record.get("priority"),
+            "status": status, "result": result, "error": error,
+            "attempts": int(record.get("attempts") or 0), "worker": record.get("worker") or None,
+            "batch_size": int(record["batch_size"]) if record.get("batch_size") else None,
+            "created_at": iso(record.get("created_at")), "started_at": iso(record.get("started_at")),
+            "finished_at": iso(record.get("finished_at")),
+            "queue_ms": ms("created_at", "started_at"), "run_ms": ms("started_at", "finished_at"),
+        }
+
+    def owner(self, job_id: str) -> str | None:
+        return self.r.hget(self.key(job_id), "owner")
+
+    def cancel(self, job_id: str, now: float | None = None) -> tuple[bool, str | None]:
+        """Cancel a queued job: (whether this call cancelled it, its status; None if no job)."""
+        status = self._cancel(keys=[self.key(job_id)], args=[repr(time.time() if now is None else now)])
+        if status != "now-cancelled":
+            return False, status
+        model, priority = self.r.hmget(self.key(job_id), "model", "priority")
+        self.finish([{"id": job_id, "status": "cancelled", "model": model, "priority": priority,
+                      "error": {"type": "Cancelled", "message": "cancelled by the client"}}],
+                    only_result=True)
+        return True, "cancelled"
+
+    def count_submitted(self, model: str, priority: str) -> None:
+        self.r.hincrby("stats:submitted", f"{model}|{priority}", 1)
+
+    def counters(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Cluster-wide (submitted, finished) counters, keyed ``model|priority[|status]``."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall("stats:submitted")
+        pipe.hgetall("stats:finished")
+        submitted, finished = pipe.execute()
+        return submitted, finished
+
+    # -- worker side ------------------------------------------------------
+    def claim(self, job_ids: list[str], worker: str, batch_size: int,
+              max_deliveries: int, now: float | None = None) -> list[tuple[str, int | str | None]]:
+        """Atomically move each job to ``running``; one (verdict, detail) per job."""
+        now = repr(time.time() if now is None else now)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            self._claim(keys=[self.key(job_id)], args=[now, worker, batch_size, max_deliveries],
+                        client=pipe)
+        return [(row[0], row[1] if len(row) > 1 else None) for row in pipe.execute()]
+
+    def finish(self, outcomes: list[dict[str, Any]], now: float | None = None,
+               only_result: bool = False) -> None:
+        """Store results and final states for a batch in one round trip.
+
+        Each outcome: ``{"id", "status", "result"?, "error"?, "model"?, "priority"?}``;
+        status is terminal or ``retrying``; model and priority feed the counters. ``only_result`` writes the Celery meta and notifies, for
+        callers that already moved the record.
+        """
+        now = time.time() if now is None else now
+        pipe = self.r.pipeline(transaction=True)
+        for outcome in outcomes:
+            job_id, status = outcome["id"], outcome["status"]
+            fields: dict[str, Any] = {"status": status}
+            if status in TERMINAL:
+                fields["finished_at"] = repr(now)
+            if outcome.get("error") is not None:
+                fields["error"] = json.dumps(outcome["error"])
+            if not only_result:
+                pipe.hset(self.key(job_id), mapping=fields)
+            if status in TERMINAL:
+                meta = {"status": _CELERY_STATE[status], "task_id": job_id, "traceback": None,
+                        "children": [], "date_done": iso(now)}
+                if status == "succeeded":
+                    meta["result"] = outcome.get("result")
+                else:
+                    err = outcome.get("error") or {}
+                    meta["result"] = {"exc_type": err.get("type", "Error"),
+                                      "exc_message": [err.get("message", "")],
+                                      "exc_module": "builtins"}
+                encoded = json.dumps(meta)
+                pipe.set(result_key(job_id), encoded, ex=self.ttl_s)
+                pipe.publish(done_channel(job_id), status)
+                if outcome.get("model"):
+                    pipe.hincrby("stats:finished",
+                                 f"{outcome['model']}|{outcome.get('priority') or 'normal'}|{status}", 1)
+            if not only_result:
+                pipe.expire(self.key(job_id), self.ttl_s)
+        pipe.execute()
+
+    def wait(self, job_id: str, timeout: float) -> dict[str, Any] | None:
+        """Long-poll: the job once terminal, or as it stands after ``timeout`` seconds."""
+        job = self.get(job_id)
+        if job is None or job["status"] in TERMINAL or timeout <= 0:
+            return job
+        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(done_channel(job_id))
+            deadline = time.monotonic() + timeout
+            job = self.get(job_id)  # it may have finished before we subscribed
+            while job is not None and job["status"] not in TERMINAL:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                pubsub.get_message(timeout=min(left, 1.0))
+                job = self.get(job_id)
+            return job
+        finally:
+            pubsub.close()
+
+    def queue_depths(self, queue: str, priorities: dict[str, int]) -> dict[str, int]:
+        """Messages waiting in a model's queue, by priority name (kombu's list per step)."""
+        pipe = self.r.pipeline(transaction=False)
+        for value in priorities.values():
+            pipe.llen(queue if value == 0 else f"{queue}\x06\x16{value}")
+        return dict(zip(priorities, pipe.execute()))
+
+    def heartbeat(self, model: str, worker: str, ttl_s: int, info: dict[str, Any]) -> None:
+        self.r.set(f"workers:{model}:{worker}", json.dumps(info), ex=ttl_s)
+
+    def live_workers(self, model: str) -> list[str]:
+        return sorted(k.split(":", 2)[2] for k in self.r.scan_iter(f"workers:{model}:*", count=100))

@@ -1,0 +1,124 @@
+"""The batching core: pure, no broker I/O, testable with fake runners.
+
+``plan`` picks which buffered requests go into the next batch; ``execute``
+runs a batch of jobs through a runner and returns one outcome per job, never
+letting one bad job take the others down:
+
+* an input that fails preprocessing fails its job only;
+* a batch whose forward pass raises is split in halves until the job (or
+  jobs) that raise are alone; each of those fails with its error;
+* a ``TransientError`` marks every job in the failing group for retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence, TypeVar
+
+from models.exceptions import InvalidInput, TransientError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def plan(requests: Sequence[T], max_size: int, priority: Callable[[T], int]) -> tuple[list[T], list[T]]:
+    """Split buffered requests into (next batch, leftovers): most urgent first,
+    arrival order kept within a priority.
+
+    >>> plan([("a", 5), ("b", 0), ("c", 5)], 2, priority=lambda r: r[1])
+    ([('b', 0), ('a', 5)], [('c', 5)])
+    """
+    if max_size < 1:
+        raise ValueError(f"max_size must be >= 1, got {max_size}")
+    ordered = sorted(requests, key=priority)  # sorted() is stable
+    return ordered[:max_size], ordered[max_size:]
+
+
+@dataclass
+class Job:
+    """One job in a batch: its id and its input items (a single input is a list of one)."""
+
+    id: str
+    items: list[Any]
+    single: bool = True
+
+
+@dataclass
+class Outcome:
+    """What happened to one job: ``succeeded`` (result), ``failed`` (error) or ``retry``."""
+
+    job_id: str
+    status: str
+    result: Any = None
+    error: dict[str, str] | None = None
+    prepared: list[Any] = field(default_factory=list, repr=False)
+
+
+def error_dict(exc: BaseException) -> dict[str, str]:
+    return {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__}
+
+
+def execute(runner, jobs: list[Job], max_items: int) -> list[Outcome]:
+    """Run ``jobs`` through ``runner`` (preprocess/run), at most ``max_items`` per forward pass."""
+    if max_items < 1:
+        raise ValueError(f"max_items must be >= 1, got {max_items}")
+    outcomes: dict[str, Outcome] = {}
+    ready: list[Outcome] = []
+    for job in jobs:
+        try:
+            if not job.items:
+                raise InvalidInput("no inputs")
+            prepared = [runner.preprocess(item) for item in job.items]
+        except TransientError as exc:
+            outcomes[job.id] = Outcome(job.id, "retry", error=error_dict(exc))
+        except Exception as exc:
+            outcomes[job.id] = Outcome(job.id, "failed", error=error_dict(exc))
+        else:
+            outcome = Outcome(job.id, "succeeded", prepared=prepared)
+            outcomes[job.id] = outcome
+            ready.append(outcome)
+    singles = {job.id: job.single for job in jobs}
+    _run_group(runner, ready, max_items, singles)
+    for outcome in outcomes.values():
+        outcome.prepared = []
+    return [outcomes[job.id] for job in jobs]
+
+
+def _forward(runner, prepared: list[Any], max_items: int) -> list[Any]:
+    results: list[Any] = []
+    for start in range(0, len(prepared), max_items):
+        chunk = prepared[start:start + max_items]
+        out = runner.run(chunk)
+        if len(out) != len(chunk):
+            raise RuntimeError(f"runner returned {len(out)} results for {len(chunk)} inputs")
+        results.extend(out)
+    return results
+
+
+def _run_group(runner, group: list[Outcome], max_items: int, singles: dict[str, bool]) -> None:
+    if not group:
+        return
+    flat = [item for outcome in group for item in outcome.prepared]
+    try:
+        results = _forward(runner, flat, max_items)
+    except TransientError as exc:
+        for outcome in group:
+            outcome.status, outcome.error = "retry", error_dict(exc)
+        return
+    except Exception as exc:
+        if len(group) == 1:
+            log.warning("job %s failed alone: %s\n%s", group[0].job_id, exc, traceback.format_exc())
+            group[0].status, group[0].error = "failed", error_dict(exc)
+            return
+        mid = len(group) // 2
+        _run_group(runner, group[:mid], max_items, singles)
+        _run_group(runner, group[mid:], max_items, singles)
+        return
+    pos = 0
+    for outcome in group:
+        n = len(outcome.prepared)
+        chunk = results[pos:pos + n]
+        pos += n
+        outcome.result = chunk[0] if singles[outcome.job_id] else chunk

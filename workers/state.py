@@ -1,0 +1,80 @@
+"""Per-process worker state: the model this worker serves, loaded lazily.
+
+``bind`` runs in the worker's main process at start (before the pool forks);
+``runner`` loads the model on first use in each pool process, never at import
+and never in ``worker_process_init`` (Celery kills those handlers after 4 s).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import settings
+from models.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+spec: ModelSpec | None = None
+_runner = None
+_store = None
+_lock = threading.Lock()
+
+
+def bind(model_spec: ModelSpec) -> None:
+    global spec
+    spec = model_spec
+
+
+def threads_for(model_spec: ModelSpec, models_served: int) -> int:
+    """Torch threads for one worker process: the model's own setting, else
+    TORCH_THREADS, else this host's cores shared among the models served."""
+    if model_spec.threads:
+        return model_spec.threads
+    if settings.TORCH_THREADS:
+        return settings.TORCH_THREADS
+    return max(1, (os.cpu_count() or 1) // max(1, models_served))
+
+
+def store():
+    """This process's JobStore (one Redis connection pool per process)."""
+    global _store
+    if _store is None or _store_pid != os.getpid():
+        _make_store()
+    return _store
+
+
+_store_pid = None
+
+
+def _make_store():
+    global _store, _store_pid
+    import celeryconfig
+    from tasks.store import JobStore
+
+    _store = JobStore.from_url(celeryconfig.result_backend, settings.JOB_TTL_S)
+    _store_pid = os.getpid()
+
+
+def runner():
+    """The loaded runner for the bound model, loaded once per process."""
+    global _runner
+    if _runner is None:
+        with _lock:
+            if _runner is None:
+                if spec is None:
+                    raise RuntimeError("this worker serves no model: start it with --model NAME")
+                from models import build_runner
+                from models.base import set_threads
+
+                from models import load_registry
+
+                served = len(load_registry().names())
+                threads = set_threads(threads_for(spec, served))
+                candidate = build_runner(spec)
+                seconds = candidate.timed_load()
+                log.info("model %s ready: %.2fs load, %d torch threads, device %s",
+                         spec.name, seconds, threads, candidate.device)
+                _runner = candidate
+    return _runner
