@@ -54,3 +54,17 @@ MAX_RETRIES = _int("MAX_RETRIES", 3)
 TORCH_THREADS = _int("TORCH_THREADS", 0)
 #: Device for models that do not name one: auto (CUDA when available), cpu or cuda.
 DEVICE = os.environ.get("DEVICE", "auto")
+
+# -- the local stack (make up) -------------------------------------------------
+#: Where make up keeps logs, Redis data, the supervisord socket and Flower's state.
+VAR_DIR = os.environ.get("VAR_DIR", str(ROOT / "var"))
+#: The API's address: loopback by default; 0.0.0.0 to serve other hosts.
+API_HOST = os.environ.get("API_HOST", "127.0.0.1")
+API_PORT = _int("API_PORT", 8000)
+#: gunicorn processes and threads per process (threads also hold ?wait= long polls).
+API_WORKERS = _int("API_WORKERS", 2)
+API_THREADS = _int("API_THREADS", 16)
+#: Flower's address and basic auth ("user:password"); make up generates a dev credential if unset.
+FLOWER_HOST = os.environ.get("FLOWER_HOST", "127.0.0.1")
+FLOWER_PORT = _int("FLOWER_PORT", 5555)
+FLOWER_BASIC_AUTH = os.environ.get("FLOWER_BASIC_AUTH", "")

@@ -9,7 +9,7 @@ from models.registry import ModelSpec, Registry, load_registry
 
 __all__ = [
     "ConfigError", "InferenceError", "InvalidInput", "ModelSpec", "Registry", "TransientError",
-    "UnknownModel", "build_runner", "load_registry",
+    "UnknownModel", "build_runner", "load_registry", "runner_class",
 ]
 
 
@@ -34,6 +34,11 @@ def _runner_class(spec: ModelSpec):
         return table[kind, task]
     except KeyError:
         raise ConfigError(f"model {spec.name!r}: no runner for source {kind!r} with task {task!r}") from None
+
+
+def runner_class(spec: ModelSpec):
+    """The Runner subclass that serves ``spec`` (imports its module, not torch)."""
+    return _runner_class(spec)
 
 
 def build_runner(spec: ModelSpec, device: str | None = None):

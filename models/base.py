@@ -48,6 +48,17 @@ class Runner:
         self.device = device
         self.load_seconds: float | None = None
 
+    #: modules worth importing in the worker's main process before the pool forks
+    preload_modules: tuple[str, ...] = ("torch",)
+
+    @classmethod
+    def preload(cls) -> None:
+        """Import (never load) heavy libraries so forked pool processes start warm."""
+        import importlib
+
+        for name in cls.preload_modules:
+            importlib.import_module(name)
+
     def load(self) -> None:
         raise NotImplementedError("must load the model onto self.device")
 

@@ -43,6 +43,8 @@ def check_text(item: Any) -> str:
 class SentenceEmbeddingRunner(Runner):
     """Embeddings from any sentence-transformers model id or directory, L2-normalised."""
 
+    preload_modules = ("torch", "sentence_transformers")
+
     def load(self) -> None:
         path = resolve_location(self.spec.source_location)
         _offline_if_local(path)
@@ -95,6 +97,8 @@ def _label_scores(labels: list[str], probs: list[float]) -> dict:
 
 class HFTextClassifierRunner(Runner):
     """Any AutoModelForSequenceClassification, from a hub id or a save_pretrained directory."""
+
+    preload_modules = ("torch", "transformers")
 
     def load(self) -> None:
         path = resolve_location(self.spec.source_location)

