@@ -1,0 +1,123 @@
+"""POST /jobs validation and the error shape, through the Flask test client. These all
+fail before the broker is touched, so no Redis is needed."""
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from api import create_app
+
+
+@pytest.fixture
+def client():
+    app = create_app({"TESTING": True, "MAX_CONTENT_LENGTH": 4096, "MAX_TEXT_CHARS": 50,
+                      "MAX_INPUTS": 3, "MAX_IMAGE_PIXELS": 100 * 100})
+    return app.test_client()
+
+
+def png(size=(10, 10)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def error_of(response, status):
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}
+    return body["error"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"input": "x"}, "model: Field required"),
+    ({"model": "minilm"}, "exactly one of 'input' or 'inputs'"),
+    ({"model": "minilm", "input": "x", "inputs": ["y"]}, "exactly one of"),
+    ({"model": "minilm", "input": 5}, "input"),
+    ({"model": "minilm", "input": None}, "exactly one of"),
+    ({"model": 7, "input": "x"}, "model: Input should be a valid string"),
+    ({"model": "minilm", "inputs": []}, "inputs: List should have at least 1 item"),
+    ({"model": "minilm", "inputs": "abc"}, "inputs"),
+    ({"model": "minilm", "input": "x", "priority": "urgent"}, "priority"),
+    ({"model": "minilm", "input": "x", "timeout_s": -1}, "timeout_s"),
+    ({"model": "minilm", "input": "x", "timeout_s": "soon"}, "timeout_s"),
+    ({"model": "minilm", "input": "x", "timeout_s": True}, "timeout_s"),
+    ({"model": "minilm", "input": "x", "colour": "red"}, "colour: Extra inputs are not permitted"),
+    ({"model": "minilm", "input": "   "}, "text is empty"),
+    ({"model": "minilm", "input": {"image_b64": png()}}, "takes text"),
+    ({"model": "efficientnet-lite0", "input": "a cat"}, "takes images"),
+    ({"model": "efficientnet-lite0", "input": {"image_b64": "bm90IGFuIGltYWdl"}}, "not an image"),
+    ({"model": "efficientnet-lite0", "input": {"image_b64": "%%%"}}, "not valid base64"),
+    ({"model": "efficientnet-lite0", "input": {"url": "http://x"}}, "input"),
+])
+def test_invalid_bodies_are_400_with_a_clear_message(client, body, message):
+    err = error_of(client.post("/jobs", json=body), 400)
+    assert err["type"] == "invalid_request"
+    assert message in err["message"]
+
+
+def test_malformed_json_and_non_object(client):
+    assert "not valid JSON" in error_of(
+        client.post("/jobs", data="{nope", content_type="application/json"), 400)["message"]
+    assert "JSON object" in error_of(client.post("/jobs", json=["a"]), 400)["message"]
+
+
+def test_wrong_content_type_is_415(client):
+    err = error_of(client.post("/jobs", data="model=minilm", content_type="text/plain"), 415)
+    assert err["type"] == "unsupported_media_type"
+
+
+def test_unknown_model_is_404(client):
+    err = error_of(client.post("/jobs", json={"model": "gpt-9", "input": "x"}), 404)
+    assert err["type"] == "unknown_model" and "gpt-9" in err["message"]
+
+
+def test_limits_are_413(client):
+    assert error_of(client.post("/jobs", json={"model": "minilm", "input": "x" * 51}), 413)["type"] == "too_large"
+    err = error_of(client.post("/jobs", json={"model": "minilm", "inputs": ["a", "b", "c", "d"]}), 413)
+    assert "4 inputs" in err["message"]
+    big = png((101, 100))
+    err = error_of(client.post("/jobs", json={"model": "efficientnet-lite0", "input": {"image_b64": big}}), 413)
+    assert "pixels" in err["message"]
+    err = error_of(client.post("/jobs", json={"model": "minilm", "input": "x" * 5000}), 413)
+    assert err["type"] == "too_large"
+
+
+def test_multipart_needs_an_image(client):
+    err = error_of(client.post("/jobs", data={"model": "efficientnet-lite0"}, content_type="multipart/form-data"), 400)
+    assert "'image' file field" in err["message"]
+    data = {"model": "efficientnet-lite0", "image": (io.BytesIO(b"plain text"), "x.jpg")}
+    assert "not an image" in error_of(client.post("/jobs", data=data, content_type="multipart/form-data"), 400)["message"]
+
+
+def test_bad_job_ids_and_wait_values(client):
+    assert error_of(client.get("/jobs/not-a-uuid"), 404)["type"] == "not_found"
+    assert error_of(client.delete("/jobs/not-a-uuid"), 404)["type"] == "not_found"
+
+
+def test_unknown_routes_and_methods_use_the_error_shape(client):
+    assert error_of(client.get("/nope"), 404)["type"] == "not_found"
+    assert error_of(client.put("/jobs"), 405)["type"] == "method_not_allowed"
+
+
+def test_openapi_and_docs(client):
+    spec = client.get("/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.")
+    for path in ("/jobs", "/jobs/{job_id}", "/models", "/healthz", "/readyz", "/metrics"):
+        assert path in spec["paths"]
+    assert set(spec["paths"]["/jobs/{job_id}"]) == {"get", "delete"}
+    assert "SubmitBody" in spec["components"]["schemas"]
+    page = client.get("/docs")
+    assert page.status_code == 200 and b"swagger-ui-bundle.js" in page.data
+    assert client.get("/docs/static/swagger-ui-bundle.js").status_code == 200
+
+
+def test_api_keys_guard_everything_but_health():
+    app = create_app({"TESTING": True, "API_KEYS": ["k1"]})
+    c = app.test_client()
+    assert c.get("/healthz").status_code == 200
+    err = error_of(c.post("/jobs", json={"model": "minilm", "input": "x"}), 401)
+    assert err["type"] == "unauthorized"
+    assert error_of(c.get("/models", headers={"Authorization": "Bearer wrong"}), 401)
+    assert c.get("/openapi.json", headers={"X-API-Key": "k1"}).status_code == 200

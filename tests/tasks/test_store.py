@@ -1,0 +1,87 @@
+"""The job store's atomic transitions, against a real redis-server."""
+
+import json
+import time
+import uuid
+
+import pytest
+
+from tasks.store import JobStore, result_key
+
+
+@pytest.fixture
+def store(redis_client):
+    redis_client.flushdb()
+    return JobStore(redis_client, ttl_s=60)
+
+
+def new_job(store, deadline=None):
+    job_id = str(uuid.uuid4())
+    store.create(job_id, model="m", priority="high", owner="o", n_inputs=1, single=True, deadline=deadline)
+    return job_id
+
+
+def test_create_and_view(store):
+    job_id = new_job(store)
+    job = store.get(job_id)
+    assert job["status"] == "queued" and job["model"] == "m" and job["priority"] == "high"
+    assert job["attempts"] == 0 and job["created_at"].endswith("Z")
+    assert store.get(str(uuid.uuid4())) is None
+    assert 0 < store.r.ttl(store.key(job_id)) <= 60
+
+
+def test_claim_runs_once_then_skips_finished_duplicates(store):
+    job_id = new_job(store)
+    assert store.claim([job_id], "w1", 1, max_deliveries=3) == [("run", 1)]
+    store.finish([{"id": job_id, "status": "succeeded", "result": {"x": 1}, "model": "m", "priority": "high"}])
+    job = store.get(job_id)
+    assert job["status"] == "succeeded" and job["result"] == {"x": 1} and job["worker"] == "w1"
+    assert job["queue_ms"] is not None and job["run_ms"] is not None
+    # a redelivered copy of a finished job is skipped, not run again
+    assert store.claim([job_id], "w2", 1, max_deliveries=3) == [("skip", "succeeded")]
+    # Celery's own result format, so AsyncResult reads it
+    meta = json.loads(store.r.get(result_key(job_id)))
+    assert meta["status"] == "SUCCESS" and meta["result"] == {"x": 1}
+    assert store.counters()[1] == {"m|high|succeeded": "1"}
+
+
+def test_cancel_only_queued_jobs(store):
+    job_id = new_job(store)
+    assert store.cancel(job_id) == (True, "cancelled")
+    assert store.cancel(job_id) == (False, "cancelled")
+    assert store.claim([job_id], "w", 1, 3) == [("skip", "cancelled")]
+    running = new_job(store)
+    store.claim([running], "w", 1, 3)
+    assert store.cancel(running) == (False, "running")
+    assert store.cancel(str(uuid.uuid4())) == (False, None)
+
+
+def test_deadline_passed_means_expired_never_run(store):
+    job_id = new_job(store, deadline=time.time() - 1)
+    assert store.claim([job_id], "w", 1, 3) == [("expired", None)]
+    assert store.get(job_id)["status"] == "expired"
+
+
+def test_deliveries_are_capped(store):
+    job_id = new_job(store)
+    verdicts = [store.claim([job_id], "w", 1, max_deliveries=2)[0] for _ in range(3)]
+    assert verdicts == [("run", 1), ("run", 2), ("exhausted", 3)]
+
+
+def test_idempotency_key_reservation(store):
+    assert store.reserve_idempotency_key("o", "k", "job-1") is None
+    assert store.reserve_idempotency_key("o", "k", "job-2") == "job-1"
+    assert store.reserve_idempotency_key("other-owner", "k", "job-3") is None
+
+
+def test_wait_returns_when_the_job_finishes(store):
+    import threading
+
+    job_id = new_job(store)
+    store.claim([job_id], "w", 1, 3)
+    timer = threading.Timer(0.3, lambda: store.finish([{"id": job_id, "status": "succeeded", "result": 1}]))
+    timer.start()
+    start = time.monotonic()
+    job = store.wait(job_id, 10)
+    assert job["status"] == "succeeded" and time.monotonic() - start < 3
+    assert store.wait(new_job(store), 0.3)["status"] == "queued"
