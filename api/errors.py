@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
@@ -80,6 +80,26 @@ def _respond(error: APIError):
     return response
 
 
+#: Oversized bodies up to this size are read and thrown away so the client, still
+#: sending, gets a clean 413 instead of a reset connection; larger ones are cut off.
+DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
+
+
+def _drain_body() -> None:
+    length = request.content_length or 0
+    stream = request.environ.get("wsgi.input")
+    if not stream or not 0 < length <= DRAIN_LIMIT_BYTES:
+        return
+    try:
+        while length > 0:
+            chunk = stream.read(min(length, 1 << 16))
+            if not chunk:
+                break
+            length -= len(chunk)
+    except OSError:
+        pass
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(APIError)
     def _api_error(error: APIError):
@@ -90,6 +110,7 @@ def register_error_handlers(app: Flask) -> None:
         kind = (error.name or "error").lower().replace(" ", "_")
         if error.code == 413:
             kind = "too_large"
+            _drain_body()
         wrapped = APIError(error.description or error.name, type=kind)
         wrapped.status = error.code or 500
         return _respond(wrapped)

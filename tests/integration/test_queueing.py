@@ -1,0 +1,49 @@
+"""Batching under a burst, priorities under a backlog, deadlines and cancellation."""
+
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from tests.procs import start_worker, worker_ready
+
+
+def test_a_burst_of_64_is_served_in_batches(client):
+    texts = [f"burst sentence number {i}" for i in range(64)]
+    with ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(lambda t: client.submit("minilm", t)["id"], texts))
+    jobs = [client.wait(i) for i in ids]
+    assert all(j["status"] == "succeeded" for j in jobs)
+    sizes = Counter((j["worker"], j["started_at"], j["batch_size"]) for j in jobs)
+    batch_sizes = sorted(size for (_, _, size) in sizes)
+    assert max(batch_sizes) > 1, batch_sizes
+    assert len(sizes) < 64
+    # each job got its own result: same text, same embedding as a lone job
+    alone = client.run("minilm", texts[5])["result"]["embedding"]
+    assert max(abs(a - b) for a, b in zip(alone, jobs[5]["result"]["embedding"])) < 1e-4
+
+
+def test_high_overtakes_normal_and_low_under_a_backlog(client, stack_env, stack_dir, redis_url):
+    low = [client.submit("prio", f"low {i}", priority="low")["id"] for i in range(12)]
+    normal = [client.submit("prio", f"normal {i}")["id"] for i in range(12)]
+    high = [client.submit("prio", f"high {i}", priority="high")["id"] for i in range(6)]
+    expiring = client.submit("prio", "too late", priority="high", timeout_s=0.3)["id"]
+    cancelled = client.submit("prio", "never mind", priority="high")["id"]
+    assert client.delete(f"/jobs/{cancelled}").status_code == 200
+    depth = {m["name"]: m for m in client.get("/models").json()["models"]}["prio"]["queue_depth"]
+    assert depth == {"high": 8, "normal": 12, "low": 12}
+    time.sleep(0.5)  # the deadline passes while nothing serves the queue
+    worker = start_worker("prio", stack_env, stack_dir)
+    try:
+        worker_ready(redis_url, "prio", worker)
+        jobs = {i: client.wait(i) for i in low + normal + high + [expiring, cancelled]}
+    finally:
+        worker.stop()
+    started = {i: jobs[i]["started_at"] for i in low + normal + high}
+    assert all(jobs[i]["status"] == "succeeded" for i in started)
+    assert max(started[i] for i in high) <= min(started[i] for i in normal)
+    assert max(started[i] for i in normal) <= min(started[i] for i in low)
+    assert jobs[expiring]["status"] == "expired" and jobs[expiring]["started_at"] is None
+    assert jobs[expiring]["result"] is None and jobs[expiring]["error"]["type"] == "Expired"
+    assert jobs[cancelled]["status"] == "cancelled" and jobs[cancelled]["attempts"] == 0
+    # batches respect the model's max_batch_size
+    assert max(j["batch_size"] for j in jobs.values() if j["batch_size"]) <= 4
