@@ -5,6 +5,8 @@ Loaded by ``workers`` with ``app.config_from_object("celeryconfig")``.
 
 import os
 
+from settings import JOB_TTL_S
+
 #: One Redis for broker and results unless they are given apart.
 redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 broker_url = os.environ.get("BROKER_URL", redis_url)
@@ -36,7 +38,7 @@ broker_transport_options = {
 result_backend_transport_options = {"socket_connect_timeout": 2, "socket_timeout": 5}
 redis_socket_connect_timeout = 2
 redis_socket_timeout = 5
-result_expires = int(os.environ.get("JOB_TTL_S", str(24 * 3600)))
+result_expires = JOB_TTL_S
 
 # Publishing fails fast so the API can answer 503 instead of hanging.
 broker_connection_timeout = 2

@@ -42,7 +42,10 @@ def runner_class(spec: ModelSpec):
 
 
 def build_runner(spec: ModelSpec, device: str | None = None):
-    """A runner for ``spec``, not yet loaded (call ``timed_load``)."""
+    """A runner for ``spec``, not yet loaded (call ``timed_load``). The device is the
+    argument, else the entry's ``device``, else the DEVICE setting (auto: CUDA if present)."""
+    import settings
     from models.base import pick_device
 
-    return _runner_class(spec)(spec, device=pick_device(device or spec.device))
+    wanted = device or (spec.device if spec.device != "auto" else settings.DEVICE)
+    return _runner_class(spec)(spec, device=pick_device(wanted))

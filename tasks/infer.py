@@ -81,7 +81,7 @@ def infer(self, requests) -> list[str]:
         else:
             attempts[request.id] = int(detail or 1)
             jobs.append(Job(request.id, list(kwargs.get("inputs") or []), bool(kwargs.get("single", True))))
-            _send(hostname, "task-started", uuid=request.id, pid=__import__("os").getpid())
+            _send(hostname, "task-started", uuid=request.id)
 
     outcomes = _run(jobs)
     by_id = {r.id: r for r in requests}

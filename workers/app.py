@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 from celery import Celery, bootsteps
 from click import Option
@@ -71,7 +72,7 @@ class Heartbeat(bootsteps.StartStopStep):
 
         try:
             state.store().heartbeat(state.spec.name, consumer.hostname, int(self.interval_s * 3),
-                                    {"pid": __import__("os").getpid()})
+                                    {"pid": os.getpid()})
         except Exception as exc:  # Redis down: the next beat tries again
             consumer.app.log.get_default_logger().warning("heartbeat failed: %s", exc)
 

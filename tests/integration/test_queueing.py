@@ -47,3 +47,43 @@ def test_high_overtakes_normal_and_low_under_a_backlog(client, stack_env, stack_
     assert jobs[cancelled]["status"] == "cancelled" and jobs[cancelled]["attempts"] == 0
     # batches respect the model's max_batch_size
     assert max(j["batch_size"] for j in jobs.values() if j["batch_size"]) <= 4
+
+
+def test_every_job_sends_its_own_task_events(client, redis_url):
+    """celery-batches sends none per request; ours send received/started/succeeded per job (Flower reads these)."""
+    import threading
+
+    from celery import Celery
+
+    events, ready, stop = [], threading.Event(), threading.Event()
+    app = Celery(broker=redis_url)
+
+    def capture():
+        with app.connection() as conn:
+            receiver = app.events.Receiver(conn, handlers={"*": events.append})
+            ready.set()
+            for _ in receiver.itercapture(limit=None, timeout=1.0, wakeup=True):
+                if stop.is_set():
+                    break
+
+    thread = threading.Thread(target=capture, daemon=True)
+    thread.start()
+    ready.wait(10)
+    time.sleep(1.0)  # let the subscription settle before publishing
+    ids = [client.submit("minilm", f"event {i}")["id"] for i in range(3)] + [client.submit("flaky", "boom")["id"]]
+    for job_id in ids:
+        client.wait(job_id)
+
+    def seen(job_id, kind):
+        return any(e.get("uuid") == job_id and e.get("type") == kind for e in list(events))
+
+    try:
+        from tests.procs import wait_until
+
+        wait_until(lambda: all(seen(i, "task-succeeded") for i in ids[:3]) and seen(ids[3], "task-failed"),
+                   15, "task events")
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    for job_id in ids:
+        assert seen(job_id, "task-received") and seen(job_id, "task-started"), job_id
