@@ -34,6 +34,14 @@ max_wait_ms = 5
 [models.prio.options]
 sleep_ms = 20
 
+[models.slow]
+task = "text-classification"
+source = "python:tests.fixtures.runners:EchoRunner"
+max_batch_size = 4
+max_wait_ms = 5
+[models.slow.options]
+sleep_ms = 3000
+
 [models.idle]
 task = "embedding"
 source = "python:tests.fixtures.runners:EchoRunner"

@@ -1,6 +1,8 @@
 """A poison job fails alone, transient errors retry, the broker down is a quick 503,
 API keys separate owners, and a worker for an unknown model refuses to start."""
 
+import os
+import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -8,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 from tests.integration.conftest import Client
-from tests.procs import free_port, start_api, start_worker, wait_until
+from tests.procs import free_port, start_api, start_worker, wait_until, worker_ready
 
 
 def test_a_poison_job_fails_alone_and_is_not_redelivered(client):
@@ -22,6 +24,7 @@ def test_a_poison_job_fails_alone_and_is_not_redelivered(client):
     assert poison["result"] is None
     assert all(j["status"] == "succeeded" for j in rest), rest
     assert [j["result"]["echo"] for j in rest] == texts[:-1]
+    assert {j["result"]["torch_threads"] for j in rest} == {1}  # TORCH_THREADS, set per worker process
     # it shared a claimed batch with others, and they survived it
     shared = [j for j in rest if j["started_at"] == poison["started_at"]]
     assert shared and poison["batch_size"] > 1
@@ -92,5 +95,45 @@ def test_a_worker_for_an_unknown_model_refuses_to_start(stack_env, stack_dir):
         wait_until(lambda: not proc.alive(), 60, "worker exit")
         assert proc.popen.returncode != 0
         assert "unknown model 'no-such-model'" in proc.log()
+    finally:
+        proc.stop()
+
+
+def test_a_pool_process_killed_mid_batch_loses_nothing(client, stack_env, stack_dir, redis_url):
+    """SIGKILL the process running a batch: the batch is requeued and run again (at least once)."""
+    import subprocess
+
+    worker = start_worker("slow", stack_env, stack_dir)
+    try:
+        worker_ready(redis_url, "slow", worker)
+        ids = [client.submit("slow", f"survive {i}")["id"] for i in range(3)]
+        running = wait_until(lambda: [i for i in ids if client.get(f"/jobs/{i}").json()["status"] == "running"],
+                             30, "a batch running")
+        children = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
+        assert children, "no pool process found"
+        for pid in children:
+            os.kill(int(pid), signal.SIGKILL)
+        jobs = [client.wait(i, timeout=30) for i in ids]
+        assert worker.alive()
+    finally:
+        worker.stop()
+    assert all(j["status"] == "succeeded" for j in jobs), jobs
+    attempts = {j["id"]: j["attempts"] for j in jobs}
+    assert all(attempts[i] == 2 for i in running), attempts  # ran again after the kill
+    assert all(str(j["result"]["pid"]) not in children for j in jobs)  # results come from the new process
+
+
+def test_a_full_queue_is_429_with_retry_after(client, stack_env, stack_dir):
+    depth = sum({m["name"]: m for m in client.get("/models").json()["models"]}["idle"]["queue_depth"].values())
+    proc, base = start_api({**stack_env, "MAX_QUEUED": str(depth + 2)}, stack_dir)
+    try:
+        full = Client(base)
+        full.submit("idle", "one")
+        full.submit("idle", "two")
+        response = full.post("/jobs", json={"model": "idle", "input": "three"})
+        assert response.status_code == 429, response.text
+        assert response.json()["error"]["type"] == "queue_full"
+        assert int(response.headers["Retry-After"]) > 0
+        assert full.submit("minilm", "other models are not affected")["status"] == "queued"
     finally:
         proc.stop()
