@@ -14,10 +14,17 @@ from models.exceptions import InvalidInput
 from models.images import b64_to_bytes, check_image
 from models.registry import ModelSpec
 
+#: Most candidate labels per image, and longest label, for zero-shot-image models.
+MAX_LABELS = 100
+MAX_LABEL_CHARS = 300
+
 
 class ImageInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image_b64: StrictStr = Field(min_length=1, description="base64 JPEG/PNG/WebP/GIF bytes")
+    labels: list[StrictStr] | None = Field(
+        default=None, min_length=1, max_length=MAX_LABELS,
+        description="zero-shot-image models only: the candidate labels")
 
 
 InputItem = Union[StrictStr, ImageInput]
@@ -70,7 +77,7 @@ def parse_submission(request: Request) -> Submission:
     if (body.input is None) == (body.inputs is None):
         raise BadRequest("give exactly one of 'input' or 'inputs'")
     raw = [body.input] if body.inputs is None else body.inputs
-    items = [item.model_dump() if isinstance(item, ImageInput) else item for item in raw]
+    items = [item.model_dump(exclude_none=True) if isinstance(item, ImageInput) else item for item in raw]
     return Submission(body.model, items, body.inputs is None, body.priority, body.timeout_s)
 
 
@@ -87,7 +94,9 @@ def _from_multipart(request: Request) -> dict[str, Any]:
             data["timeout_s"] = float(form["timeout_s"])
         except ValueError:
             raise BadRequest("timeout_s must be a number") from None
-    encoded = [{"image_b64": base64.b64encode(f.read()).decode()} for f in files]
+    labels = form.getlist("labels")
+    encoded = [{"image_b64": base64.b64encode(f.read()).decode(), **({"labels": labels} if labels else {})}
+               for f in files]
     if len(encoded) == 1:
         data["input"] = encoded[0]
     else:
@@ -112,9 +121,25 @@ def check_items(spec: ModelSpec, items: list[Any], *, max_inputs: int, max_text_
         else:
             if not isinstance(item, dict):
                 raise BadRequest(f'{where}: model {spec.name!r} takes images: {{"image_b64": "..."}}')
+            _check_labels(spec, item, where)
             try:
                 check_image(b64_to_bytes(item["image_b64"]), max_pixels)
             except InvalidInput as exc:
                 if "pixels" in str(exc):
                     raise TooLarge(f"{where}: {exc}") from None
                 raise BadRequest(f"{where}: {exc}") from None
+
+
+def _check_labels(spec: ModelSpec, item: dict, where: str) -> None:
+    labels = item.get("labels")
+    if spec.task != "zero-shot-image":
+        if labels is not None:
+            raise BadRequest(f"{where}: labels are only for zero-shot-image models; {spec.name!r} is {spec.task}")
+        return
+    if labels is None and not spec.labels:
+        raise BadRequest(f'{where}: model {spec.name!r} needs labels: {{"image_b64": "...", "labels": ["a cat", "a dog"]}}')
+    for label in labels or []:
+        if not label.strip():
+            raise BadRequest(f"{where}: labels must be non-empty strings")
+        if len(label) > MAX_LABEL_CHARS:
+            raise TooLarge(f"{where}: a label is {len(label)} characters; the limit is {MAX_LABEL_CHARS}")

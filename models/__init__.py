@@ -21,12 +21,13 @@ def _runner_class(spec: ModelSpec):
             return getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError) as exc:
             raise ConfigError(f"model {spec.name!r}: cannot import runner {spec.source_location!r}: {exc}")
-    from models import text, vision
+    from models import clip, text, vision
 
     table = {
         ("sentence-transformers", "embedding"): text.SentenceEmbeddingRunner,
         ("sentence-transformers", "text-classification"): text.ZeroShotTextRunner,
         ("hf", "text-classification"): text.HFTextClassifierRunner,
+        ("hf", "zero-shot-image"): clip.ClipRunner,
         ("torchvision", "image-classification"): vision.TorchvisionClassifierRunner,
         ("efficientnet-lite", "image-classification"): vision.EfficientNetLiteRunner,
     }

@@ -46,7 +46,19 @@ class Runner:
     def __init__(self, spec: ModelSpec, device: str = "cpu"):
         self.spec = spec
         self.device = device
+        #: half precision only where it pays: on a GPU, when the entry asks for it
+        self.half = bool(spec.half) and device.startswith("cuda")
         self.load_seconds: float | None = None
+
+    @property
+    def dtype(self):
+        import torch
+
+        return torch.float16 if self.half else torch.float32
+
+    @classmethod
+    def check_spec(cls, spec: ModelSpec) -> None:
+        """Cheap checks at worker start (files exist, names are known); raise ConfigError."""
 
     #: modules worth importing in the worker's main process before the pool forks
     preload_modules: tuple[str, ...] = ("torch",)
@@ -61,6 +73,13 @@ class Runner:
 
     def load(self) -> None:
         raise NotImplementedError("must load the model onto self.device")
+
+    def place(self, model):
+        """Move a model to this runner's device (and dtype) once, in eval mode."""
+        model = model.to(self.device)
+        if self.half:
+            model = model.half()
+        return model.eval()
 
     def preprocess(self, item: Any) -> Any:
         """One input as sent by the client -> what forward takes; raises InvalidInput."""

@@ -25,6 +25,7 @@ TASKS = {
     "embedding": "text",
     "text-classification": "text",
     "image-classification": "image",
+    "zero-shot-image": "image",
 }
 
 #: source kinds the runners know how to load
@@ -32,7 +33,7 @@ SOURCE_KINDS = ("sentence-transformers", "hf", "torchvision", "efficientnet-lite
 
 _KEYS = {
     "task", "source", "weights", "labels", "max_batch_size", "max_wait_ms", "threads",
-    "device", "top_k", "description", "options",
+    "device", "half", "top_k", "description", "options",
 }
 
 
@@ -44,11 +45,12 @@ class ModelSpec:
     task: str
     source: str
     weights: str | None = None
-    labels: dict[str, list[str]] | None = None
+    labels: dict[str, list[str]] | list[str] | None = None
     max_batch_size: int = 32
     max_wait_ms: float = 10.0
     threads: int = 0
     device: str = "auto"
+    half: bool = False
     top_k: int = 5
     description: str = ""
     options: dict[str, Any] = field(default_factory=dict)
@@ -76,6 +78,7 @@ class ModelSpec:
             "name": self.name, "task": self.task, "input": self.input_kind,
             "source": self.source, "queue": self.queue, "description": self.description,
             "batch": {"max_batch_size": self.max_batch_size, "max_wait_ms": self.max_wait_ms},
+            **({"labels": self.labels} if self.task == "zero-shot-image" and self.labels else {}),
         }
 
 
@@ -107,8 +110,15 @@ def _check_entry(name: str, raw: Any) -> ModelSpec:
     if raw.get("device", "auto") not in ("auto", "cpu", "cuda") and not str(
             raw.get("device")).startswith("cuda:"):
         raise ConfigError(f"{where}: device must be auto, cpu, cuda or cuda:N")
+    if "half" in raw and not isinstance(raw["half"], bool):
+        raise ConfigError(f"{where}: half must be true or false")
+    if "options" in raw and not isinstance(raw["options"], dict):
+        raise ConfigError(f"{where}: options must be a table")
     labels = raw.get("labels")
-    if labels is not None:
+    if labels is not None and raw["task"] == "zero-shot-image":
+        if not isinstance(labels, list) or not labels or not all(isinstance(v, str) and v for v in labels):
+            raise ConfigError(f"{where}: labels (default candidate labels) must be a list of strings")
+    elif labels is not None:
         if not isinstance(labels, dict) or len(labels) < 2:
             raise ConfigError(f"{where}: labels must be a table of at least two labels")
         labels = {k: [v] if isinstance(v, str) else v for k, v in labels.items()}
@@ -121,7 +131,7 @@ def _check_entry(name: str, raw: Any) -> ModelSpec:
         name=name, task=raw["task"], source=raw["source"], weights=raw.get("weights"),
         labels=labels, max_batch_size=raw.get("max_batch_size", 32),
         max_wait_ms=float(raw.get("max_wait_ms", 10.0)), threads=raw.get("threads", 0),
-        device=raw.get("device", "auto"), top_k=raw.get("top_k", 5),
+        device=raw.get("device", "auto"), half=raw.get("half", False), top_k=raw.get("top_k", 5),
         description=raw.get("description", ""), options=raw.get("options", {}),
     )
 

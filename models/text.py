@@ -26,6 +26,14 @@ def resolve_location(location: str) -> str:
     return location
 
 
+def check_location(spec, location: str) -> None:
+    """A location that is clearly a path (absolute, ./ or ~) must exist; hub ids are not checked."""
+    if location.startswith("pkg:"):
+        resolve_location(location)
+    elif location.startswith(("/", "./", "../", "~")) and not Path(location).expanduser().exists():
+        raise ConfigError(f"model {spec.name!r}: {location!r} does not exist")
+
+
 def _offline_if_local(path: str) -> None:
     # A local directory needs no hub; saying so up front avoids network time-outs.
     if Path(path).is_dir():
@@ -45,13 +53,16 @@ class SentenceEmbeddingRunner(Runner):
 
     preload_modules = ("torch", "sentence_transformers")
 
+    @classmethod
+    def check_spec(cls, spec) -> None:
+        check_location(spec, spec.source_location)
+
     def load(self) -> None:
         path = resolve_location(self.spec.source_location)
         _offline_if_local(path)
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(path, device=self.device)
-        self.model.eval()
+        self.model = self.place(SentenceTransformer(path, device=self.device))
 
     def preprocess(self, item: Any) -> str:
         return check_text(item)
@@ -90,6 +101,13 @@ class ZeroShotTextRunner(SentenceEmbeddingRunner):
         return [_label_scores(self.labels, row) for row in outputs.float().cpu().tolist()]
 
 
+def max_text_length(tokenizer, config) -> int:
+    """Truncate to what both the tokenizer and the model's position embeddings allow."""
+    limit = getattr(tokenizer, "model_max_length", 512) or 512
+    positions = getattr(config, "max_position_embeddings", None) or limit
+    return int(min(limit, positions, 4096))
+
+
 def _label_scores(labels: list[str], probs: list[float]) -> dict:
     best = max(range(len(labels)), key=probs.__getitem__)
     return {"label": labels[best], "score": probs[best], "scores": dict(zip(labels, probs))}
@@ -100,17 +118,20 @@ class HFTextClassifierRunner(Runner):
 
     preload_modules = ("torch", "transformers")
 
+    @classmethod
+    def check_spec(cls, spec) -> None:
+        check_location(spec, spec.source_location)
+
     def load(self) -> None:
         path = resolve_location(self.spec.source_location)
         _offline_if_local(path)
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
+        self.model = self.place(AutoModelForSequenceClassification.from_pretrained(path))
         config = self.model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
-        limit = getattr(self.tokenizer, "model_max_length", 512) or 512
-        self.max_length = min(limit, getattr(config, "max_position_embeddings", limit) or limit, 4096)
+        self.max_length = max_text_length(self.tokenizer, config)
 
     def preprocess(self, item: Any) -> str:
         return check_text(item)

