@@ -1,5 +1,5 @@
 # The two commands: `make up` (set up and start everything) and `make test` (set up and run the tests).
-.PHONY: up down test restart logs ps clean
+.PHONY: up down test restart logs ps clean prefetch
 
 up:
 	@bash scripts/bootstrap.sh
@@ -13,6 +13,10 @@ restart: down up
 test:
 	@bash scripts/bootstrap.sh
 	@.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+prefetch:
+	@bash scripts/bootstrap.sh
+	@.venv/bin/python scripts/prefetch.py
 
 ps:
 	@.venv/bin/supervisorctl -c var/supervisord.conf status

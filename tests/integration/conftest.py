@@ -57,8 +57,11 @@ def stack_dir(tmp_path_factory) -> Path:
 def models_file(stack_dir) -> Path:
     markers = stack_dir / "markers"
     markers.mkdir()
+    from tests.fixtures.zoo import zoo_toml
+
     path = stack_dir / "models.toml"
-    path.write_text((ROOT / "models.toml").read_text() + TEST_MODELS.format(marker_dir=markers))
+    path.write_text((ROOT / "models.toml").read_text() + TEST_MODELS.format(marker_dir=markers)
+                    + zoo_toml(stack_dir / "zoo"))
     return path
 
 
