@@ -1,5 +1,6 @@
 # The two commands: `make up` (set up and start everything) and `make test` (set up and run the tests).
 .PHONY: up down test restart logs ps clean prefetch
+VAR_DIR ?= var
 
 up:
 	@bash scripts/bootstrap.sh
@@ -19,10 +20,10 @@ prefetch:
 	@.venv/bin/python scripts/prefetch.py
 
 ps:
-	@.venv/bin/supervisorctl -c var/supervisord.conf status
+	@.venv/bin/supervisorctl -c $(VAR_DIR)/supervisord.conf status
 
 logs:
-	@tail -n 50 -f var/log/*.log
+	@tail -n 50 -f $(VAR_DIR)/log/*.log
 
 clean: down
-	rm -rf var
+	rm -rf $(VAR_DIR)

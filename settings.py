@@ -54,6 +54,8 @@ MAX_RETRIES = _int("MAX_RETRIES", 3)
 TORCH_THREADS = _int("TORCH_THREADS", 0)
 #: Device for models that do not name one: auto (CUDA when available), cpu or cuda.
 DEVICE = os.environ.get("DEVICE", "auto")
+if DEVICE not in ("auto", "cpu", "cuda") and not (DEVICE.startswith("cuda:") and DEVICE[5:].isdigit()):
+    raise ValueError(f"DEVICE must be auto, cpu, cuda or cuda:N, got {DEVICE!r}")
 
 # -- the local stack (make up) -------------------------------------------------
 #: Where make up keeps logs, Redis data, the supervisord socket and Flower's state.

@@ -13,7 +13,8 @@ from flask import Flask, current_app, g, request
 
 from api.errors import Unauthorized
 
-OPEN_PATHS = ("/healthz", "/readyz")
+#: Routes that need no key: health checks, and the API's own description.
+OPEN_PATHS = ("/healthz", "/readyz", "/openapi.json", "/docs")
 
 
 def owner_of(key: str) -> str:
@@ -32,10 +33,11 @@ def init_auth(app: Flask) -> None:
     def _check_key():
         keys = current_app.config["API_KEYS"]
         g.owner = ""
-        if not keys or request.path in OPEN_PATHS:
+        if not keys or request.path in OPEN_PATHS or request.path.startswith("/docs/"):
             return None
         presented = _presented_key()
-        if not presented or not any(hmac.compare_digest(presented, k) for k in keys):
+        if not presented or not any(hmac.compare_digest(presented.encode("utf-8", "surrogateescape"),
+                                                        k.encode("utf-8")) for k in keys):
             raise Unauthorized("a valid API key is required (Authorization: Bearer <key>)",
                                headers={"WWW-Authenticate": "Bearer"})
         g.owner = owner_of(presented)

@@ -17,7 +17,8 @@ def readyz():
     try:
         current_app.extensions["jobstore"].r.ping()
     except Exception as exc:
-        response = jsonify({"status": "unavailable", "broker": f"unreachable: {type(exc).__name__}"})
+        response = jsonify({"status": "unavailable", "error": {
+            "type": "broker_unavailable", "message": f"Redis is unreachable ({type(exc).__name__})"}})
         response.status_code = 503
         return response
     return jsonify({"status": "ready", "broker": "ok"})

@@ -19,14 +19,16 @@ def _store():
     return current_app.extensions["jobstore"]
 
 
-def _job_or_404(job_id: str) -> None:
+def _job_or_404(job_id: str) -> str:
+    """The canonical id of a job this caller may see, else 404."""
     try:
-        uuid.UUID(job_id)
+        canonical = str(uuid.UUID(job_id))
     except ValueError:
-        raise NotFound(f"no job {job_id!r}") from None
-    owner = _store().owner(job_id)
+        raise NotFound(f"no job {job_id[:100]!r}") from None
+    owner = _store().owner(canonical)
     if owner is None or owner != g.owner:
-        raise NotFound(f"no job {job_id!r}")
+        raise NotFound(f"no job {canonical!r}")
+    return canonical
 
 
 def _accepted(job: dict, status_code: int = 202):
@@ -47,7 +49,7 @@ def submit():
     check_items(spec, sub.items, max_inputs=cfg["MAX_INPUTS"], max_text_chars=cfg["MAX_TEXT_CHARS"],
                 max_pixels=cfg["MAX_IMAGE_PIXELS"])
     store = _store()
-    depth = sum(store.queue_depths(spec.queue, PRIORITIES).values())
+    depth = sum(store.queue_depths(spec.name, PRIORITIES).values())
     if depth >= cfg["MAX_QUEUED"]:
         raise TooManyRequests(f"model {spec.name!r} has {depth} jobs queued (limit {cfg['MAX_QUEUED']})",
                               headers={"Retry-After": "5"})
@@ -70,15 +72,15 @@ def submit():
             TASK_NAME, task_id=job_id, queue=spec.queue, priority=PRIORITIES[sub.priority],
             kwargs={"model": spec.name, "inputs": sub.items, "single": sub.single})
     except Exception:
-        _undo(store, job_id, idem_key)
+        _undo(store, job_id, spec.name, sub.priority, idem_key)
         raise
     store.count_submitted(spec.name, sub.priority)
     return _accepted({"id": job_id, "status": "queued", "model": spec.name, "priority": sub.priority})
 
 
-def _undo(store, job_id: str, idem_key: str | None) -> None:
+def _undo(store, job_id: str, model: str, priority: str, idem_key: str | None) -> None:
     try:
-        store.forget(job_id)
+        store.forget(job_id, model, priority)
         if idem_key is not None:
             store.release_idempotency_key(g.owner, idem_key)
     except Exception:  # Redis itself is down: nothing was issued either way
@@ -97,7 +99,7 @@ def _wait_for_record(job_id: str, timeout_s: float = 2.0) -> dict | None:
 
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str):
-    _job_or_404(job_id)
+    job_id = _job_or_404(job_id)
     raw_wait = request.args.get("wait")
     wait = 0.0
     if raw_wait is not None:
@@ -115,7 +117,7 @@ def get_job(job_id: str):
 
 @bp.delete("/jobs/<job_id>")
 def cancel_job(job_id: str):
-    _job_or_404(job_id)
+    job_id = _job_or_404(job_id)
     cancelled, status = _store().cancel(job_id)
     if status is None:
         raise NotFound(f"no job {job_id!r}")

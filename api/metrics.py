@@ -35,7 +35,7 @@ class _ClusterCollector:
                                   labels=["model", "priority"])
         workers = GaugeMetricFamily("workers_live", "Workers heartbeating for a model", labels=["model"])
         for spec in self.registry:
-            for priority, n in self.store.queue_depths(spec.queue, PRIORITIES).items():
+            for priority, n in self.store.queue_depths(spec.name, PRIORITIES).items():
                 depth.add_metric([spec.name, priority], n)
             workers.add_metric([spec.name], len(self.store.live_workers(spec.name)))
         yield from (sub, fin, depth, workers)

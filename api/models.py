@@ -15,7 +15,7 @@ def list_models():
     out = []
     for spec in current_app.extensions["registry"]:
         entry = spec.public()
-        entry["queue_depth"] = store.queue_depths(spec.queue, PRIORITIES)
+        entry["queue_depth"] = store.queue_depths(spec.name, PRIORITIES)
         entry["workers"] = store.live_workers(spec.name)
         out.append(entry)
     return jsonify({"models": out})

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from flask import Request
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from api.errors import BadRequest, TooLarge, UnsupportedMedia
 from models.exceptions import InvalidInput
@@ -38,7 +39,8 @@ class SubmitBody(BaseModel):
     input: InputItem | None = None
     inputs: list[InputItem] | None = Field(default=None, min_length=1)
     priority: Literal["high", "normal", "low"] = "normal"
-    timeout_s: StrictFloat | StrictInt | None = Field(default=None, gt=0, le=86400)
+    timeout_s: Annotated[float, Field(gt=0, le=86400, strict=True)] | None = Field(
+        default=None, description="deadline in seconds: a job not started by then ends expired")
 
 
 @dataclass
@@ -61,11 +63,7 @@ def _describe(exc: ValidationError) -> str:
 def parse_submission(request: Request) -> Submission:
     """Read a submission from JSON or multipart; raises 400/415 on shape errors."""
     if request.mimetype == "application/json":
-        data = request.get_json(silent=True)
-        if data is None:
-            raise BadRequest("the body is not valid JSON")
-        if not isinstance(data, dict):
-            raise BadRequest("the body must be a JSON object")
+        data = _json_body(request)
     elif request.mimetype == "multipart/form-data":
         data = _from_multipart(request)
     else:
@@ -81,9 +79,30 @@ def parse_submission(request: Request) -> Submission:
     return Submission(body.model, items, body.inputs is None, body.priority, body.timeout_s)
 
 
+def _json_body(request: Request) -> dict[str, Any]:
+    raw = request.get_data(cache=True)  # 413 here when a Content-Length is over the limit
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        raise TooLarge(f"the body is over {limit} bytes")  # a chunked body, cut at the limit
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object")
+    return data
+
+
+_FORM_FIELDS = {"model", "priority", "timeout_s", "labels"}
+_FILE_FIELDS = {"image", "images"}
+
+
 def _from_multipart(request: Request) -> dict[str, Any]:
     form = request.form
-    files = request.files.getlist("image") or request.files.getlist("images")
+    unknown = (set(form) - _FORM_FIELDS) | (set(request.files) - _FILE_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown multipart fields {sorted(unknown)}; allowed: {sorted(_FORM_FIELDS | _FILE_FIELDS)}")
+    files = request.files.getlist("image") + request.files.getlist("images")
     if not files:
         raise BadRequest("multipart submissions need an 'image' file field")
     data: dict[str, Any] = {"model": form.get("model", "")}
@@ -116,6 +135,10 @@ def check_items(spec: ModelSpec, items: list[Any], *, max_inputs: int, max_text_
                 raise BadRequest(f"{where}: model {spec.name!r} takes text, got an object")
             if not item.strip():
                 raise BadRequest(f"{where}: text is empty")
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest(f"{where}: text is not valid Unicode (a lone surrogate?)") from None
             if len(item) > max_text_chars:
                 raise TooLarge(f"{where}: text is {len(item)} characters; the limit is {max_text_chars}")
         else:

@@ -11,6 +11,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models.exceptions import InvalidInput
 
+#: Longest side over shortest side: beyond it resizing to a model's input size overflows.
+MAX_ASPECT = 50
+
 
 def b64_to_bytes(data: str) -> bytes:
     """Strict base64 (a ``data:`` URL prefix is accepted) to bytes."""
@@ -36,6 +39,8 @@ def _open(raw: bytes, max_pixels: int) -> Image.Image:
     width, height = img.size
     if width * height > max_pixels:
         raise InvalidInput(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+        raise InvalidInput(f"image is {width}x{height}; sides more than {MAX_ASPECT}:1 apart are refused")
     return img
 
 

@@ -45,6 +45,10 @@ def check_text(item: Any) -> str:
         raise InvalidInput(f"text input must be a string, got {type(item).__name__}")
     if not item.strip():
         raise InvalidInput("text input is empty")
+    try:
+        item.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput("text is not valid Unicode (a lone surrogate?)") from None
     return item
 
 

@@ -35,7 +35,11 @@ class ImageClassifierRunner(Runner):
     def preprocess(self, item: Any):
         if isinstance(item, dict) and item.get("labels") is not None:
             raise InvalidInput(f"model {self.spec.name!r} is a classifier; labels are for zero-shot-image models")
-        return self.transform(image_from(item))
+        image = image_from(item)
+        try:
+            return self.transform(image)
+        except (ValueError, OverflowError, RuntimeError, MemoryError) as exc:
+            raise InvalidInput(f"image {image.size[0]}x{image.size[1]} cannot be preprocessed: {exc}") from None
 
     def forward(self, batch: list[Any]):
         import torch

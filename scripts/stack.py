@@ -60,14 +60,30 @@ def local_redis() -> tuple[str, int, str | None] | None:
     return url.hostname, url.port or 6379, url.password
 
 
+#: Settings read by the API and workers: passed through to every process when set, so that
+#: `VAR=... make up` on a running system restarts exactly the programs whose settings changed.
+FORWARDED = (
+    "API_KEYS", "MAX_BODY_BYTES", "MAX_TEXT_CHARS", "MAX_INPUTS", "MAX_IMAGE_PIXELS", "MAX_QUEUED",
+    "JOB_TTL_S", "MAX_DELIVERIES", "MAX_RETRIES", "TORCH_THREADS", "DEVICE", "VISIBILITY_TIMEOUT_S",
+    "WORKER_CONCURRENCY", "TORCH_HOME", "HF_HOME", "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES",
+)
+
+
+def _quote(name: str, value: str) -> str:
+    if '"' in value or "\n" in value:
+        sys.exit(f"error: {name} contains a double quote or a newline, which supervisord cannot pass on")
+    return '"' + value.replace("%", "%%") + '"'
+
+
 def render(registry: Registry, credential: str) -> None:
     env = {
         "PYTHONPATH": str(ROOT), "REDIS_URL": celeryconfig.broker_url,
         "BROKER_URL": celeryconfig.broker_url, "RESULT_BACKEND": celeryconfig.result_backend,
         "MODELS_FILE": settings.MODELS_FILE, "MODELS": ",".join(registry.names()),
         "FLOWER_BASIC_AUTH": credential, "VAR_DIR": str(VAR), "TOKENIZERS_PARALLELISM": "false",
+        **{name: os.environ[name] for name in FORWARDED if name in os.environ},
     }
-    environment = ",".join(f'{k}="{v}"' for k, v in env.items())
+    environment = ",".join(f"{k}={_quote(k, v)}" for k, v in env.items())
     programs = []
     redis = local_redis()
     if redis:
@@ -83,7 +99,7 @@ def render(registry: Registry, credential: str) -> None:
     programs.append(("api", f"{VENV_BIN / 'gunicorn'} --bind {settings.API_HOST}:{settings.API_PORT} "
                             f"--workers {settings.API_WORKERS} --worker-class gthread "
                             f"--threads {settings.API_THREADS} --timeout 60 --graceful-timeout 30 "
-                            f"--access-logfile - wsgi:app", 20, 30))
+                            f"{GUNICORN_LIMITS} --access-logfile - wsgi:app", 20, 30))
     for spec in registry:
         programs.append((f"worker-{spec.name}",
                          f"{VENV_BIN / 'celery'} -A workers worker --model {spec.name} "
@@ -106,6 +122,10 @@ def render(registry: Registry, credential: str) -> None:
     CONF.write_text("\n".join(out))
 
 
+#: Room for long headers and URLs so the API (not gunicorn, in HTML) answers them with JSON errors.
+GUNICORN_LIMITS = "--limit-request-line 16384 --limit-request-field_size 32768"
+
+
 def supervisorctl(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     return subprocess.run([str(VENV_BIN / "supervisorctl"), "-c", str(CONF), *args],
                           capture_output=True, text=True, check=check)
@@ -122,7 +142,10 @@ def port_busy(host: str, port: int) -> bool:
 
 
 def http(url: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 5.0):
-    req = urllib.request.Request(url, data=data, headers=headers or {})
+    headers = dict(headers or {})
+    if settings.API_KEYS and "Authorization" not in headers:
+        headers["X-API-Key"] = settings.API_KEYS[0]  # our own readiness checks and warm-up
+    req = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read()
@@ -170,7 +193,7 @@ def up(args) -> None:
         subprocess.run([str(VENV_BIN / "supervisord"), "-c", str(CONF)], check=True)
     else:
         render(registry, credential)
-        say("supervisord already running: applying changes")
+        say("supervisord already running: applying changes (programs whose settings changed restart)")
         supervisorctl("reread")
         supervisorctl("update")
         supervisorctl("start", "all")

@@ -17,6 +17,7 @@ from typing import Any
 
 import settings
 from celeryconfig import PRIORITIES
+from tasks.store import EXPIRED
 
 PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
 from workers import state
@@ -66,13 +67,11 @@ def infer(self, requests) -> list[str]:
         kwargs = request.kwargs or {}
         if verdict == "skip":
             acked.append(request.id)  # already cancelled/expired/finished: drop the duplicate
-        elif verdict == "expired":
-            finished.append({"id": request.id, "status": "expired", "error": {
-                "type": "Expired", "message": "the job's deadline passed before it started"}})
+        elif verdict == "expired":  # the claim already moved the record
+            finished.append({"id": request.id, "status": "expired", "error": EXPIRED, "recorded": True})
         elif verdict == "exhausted":
-            finished.append({"id": request.id, "status": "failed", "error": {
-                "type": "TooManyDeliveries",
-                "message": f"delivered {detail} times without finishing; not trying again"}})
+            finished.append({"id": request.id, "status": "failed", "recorded": True, "error": {
+                "type": "TooManyDeliveries", "message": f"delivered {detail} times without finishing"}})
         elif spec is None or kwargs.get("model") != spec.name:
             finished.append({"id": request.id, "status": "failed", "error": {
                 "type": "WrongModel",

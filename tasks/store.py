@@ -20,21 +20,36 @@ TERMINAL = ("succeeded", "failed", "cancelled", "expired")
 STATUSES = ("queued", "running", "retrying") + TERMINAL
 _CELERY_STATE = {"succeeded": "SUCCESS", "failed": "FAILURE", "cancelled": "REVOKED", "expired": "REVOKED"}
 
-# KEYS[1] job hash. ARGV: now, worker, batch_size, max_deliveries.
+EXPIRED = {"type": "Expired", "message": "the job's deadline passed before it started"}
+CANCELLED = {"type": "Cancelled", "message": "cancelled by the client"}
+
+# Shared by the scripts: a job leaving queued/retrying no longer counts as waiting.
+_LEAVE_WAITING = """
+local function leave_waiting(st, model, priority)
+  if (st == 'queued' or st == 'retrying') and model and priority then
+    redis.call('HINCRBY', 'waiting:' .. model, priority, -1)
+  end
+end
+"""
+
+# KEYS[1] job hash. ARGV: now, worker, batch_size, max_deliveries, expired error, exhausted error.
 # -> {"run", attempts} | {"skip", status} | {"expired"} | {"exhausted", attempts} | {"missing"}
-_CLAIM = """
-local st = redis.call('HGET', KEYS[1], 'status')
+_CLAIM = _LEAVE_WAITING + """
+local f = redis.call('HMGET', KEYS[1], 'status', 'deadline', 'model', 'priority')
+local st, deadline, model, priority = f[1], f[2], f[3], f[4]
 if not st then return {'missing'} end
 if st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' then
   return {'skip', st}
 end
-local deadline = redis.call('HGET', KEYS[1], 'deadline')
 if deadline and deadline ~= '' and tonumber(deadline) < tonumber(ARGV[1]) then
-  redis.call('HSET', KEYS[1], 'status', 'expired', 'finished_at', ARGV[1])
+  redis.call('HSET', KEYS[1], 'status', 'expired', 'finished_at', deadline, 'error', ARGV[5])
+  leave_waiting(st, model, priority)
   return {'expired'}
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+leave_waiting(st, model, priority)
 if attempts > tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error', ARGV[6])
   return {'exhausted', attempts}
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2],
@@ -42,12 +57,27 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker'
 return {'run', attempts}
 """
 
-# KEYS[1] job hash. ARGV: now. -> 'now-cancelled', or the status it already had
-_CANCEL = """
-local st = redis.call('HGET', KEYS[1], 'status')
+# KEYS[1] job hash. ARGV: now, error. -> 'now-cancelled', or the status it already had
+_CANCEL = _LEAVE_WAITING + """
+local f = redis.call('HMGET', KEYS[1], 'status', 'model', 'priority')
+local st = f[1]
 if st == 'queued' or st == 'retrying' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'error', ARGV[2])
+  leave_waiting(st, f[2], f[3])
   return 'now-cancelled'
+end
+return st
+"""
+
+# KEYS[1] job hash. ARGV: now, error. -> 'now-expired', or the status it has
+_EXPIRE_IF_DUE = _LEAVE_WAITING + """
+local f = redis.call('HMGET', KEYS[1], 'status', 'deadline', 'model', 'priority')
+local st, deadline = f[1], f[2]
+if (st == 'queued' or st == 'retrying') and deadline and deadline ~= ''
+    and tonumber(deadline) < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'status', 'expired', 'finished_at', deadline, 'error', ARGV[2])
+  leave_waiting(st, f[3], f[4])
+  return 'now-expired'
 end
 return st
 """
@@ -77,6 +107,7 @@ class JobStore:
         self.ttl_s = ttl_s
         self._claim = client.register_script(_CLAIM)
         self._cancel = client.register_script(_CANCEL)
+        self._expire = client.register_script(_EXPIRE_IF_DUE)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int) -> "JobStore":
@@ -99,11 +130,15 @@ class JobStore:
             "attempts": 0, "n_inputs": n_inputs, "single": int(single),
         })
         pipe.expire(self.key(job_id), self.ttl_s)
+        pipe.hincrby(f"waiting:{model}", priority, 1)
         pipe.execute()
 
-    def forget(self, job_id: str) -> None:
+    def forget(self, job_id: str, model: str, priority: str) -> None:
         """Undo ``create`` when the message could not be published."""
-        self.r.delete(self.key(job_id))
+        pipe = self.r.pipeline()
+        pipe.delete(self.key(job_id))
+        pipe.hincrby(f"waiting:{model}", priority, -1)
+        pipe.execute()
 
     def reserve_idempotency_key(self, owner: str, key: str, job_id: str) -> str | None:
         """Claim ``key`` for ``job_id``; returns the job id that already holds it, if any."""
@@ -123,6 +158,13 @@ class JobStore:
         record, meta = pipe.execute()
         if not record:
             return None
+        deadline = record.get("deadline")
+        if record.get("status") in ("queued", "retrying") and deadline and float(deadline) < time.time():
+            # Nobody started it in time: it ends now, whether or not a worker ever looks.
+            if self._expire(keys=[self.key(job_id)], args=[repr(time.time()), json.dumps(EXPIRED)]) == "now-expired":
+                self.finish([{"id": job_id, "status": "expired", "model": record.get("model"),
+                              "priority": record.get("priority"), "error": EXPIRED, "recorded": True}])
+            return self.get(job_id)
         return self.view(job_id, record, meta)
 
     @staticmethod
@@ -156,13 +198,13 @@ class JobStore:
 
     def cancel(self, job_id: str, now: float | None = None) -> tuple[bool, str | None]:
         """Cancel a queued job: (whether this call cancelled it, its status; None if no job)."""
-        status = self._cancel(keys=[self.key(job_id)], args=[repr(time.time() if now is None else now)])
+        status = self._cancel(keys=[self.key(job_id)],
+                              args=[repr(time.time() if now is None else now), json.dumps(CANCELLED)])
         if status != "now-cancelled":
             return False, status
         model, priority = self.r.hmget(self.key(job_id), "model", "priority")
         self.finish([{"id": job_id, "status": "cancelled", "model": model, "priority": priority,
-                      "error": {"type": "Cancelled", "message": "cancelled by the client"}}],
-                    only_result=True)
+                      "error": CANCELLED, "recorded": True}])
         return True, "cancelled"
 
     def count_submitted(self, model: str, priority: str) -> None:
@@ -181,19 +223,22 @@ class JobStore:
               max_deliveries: int, now: float | None = None) -> list[tuple[str, int | str | None]]:
         """Atomically move each job to ``running``; one (verdict, detail) per job."""
         now = repr(time.time() if now is None else now)
+        exhausted = json.dumps({"type": "TooManyDeliveries",
+                                "message": f"delivered more than {max_deliveries} times without finishing; "
+                                           "not trying again"})
         pipe = self.r.pipeline(transaction=False)
         for job_id in job_ids:
-            self._claim(keys=[self.key(job_id)], args=[now, worker, batch_size, max_deliveries],
-                        client=pipe)
+            self._claim(keys=[self.key(job_id)], client=pipe,
+                        args=[now, worker, batch_size, max_deliveries, json.dumps(EXPIRED), exhausted])
         return [(row[0], row[1] if len(row) > 1 else None) for row in pipe.execute()]
 
-    def finish(self, outcomes: list[dict[str, Any]], now: float | None = None,
-               only_result: bool = False) -> None:
+    def finish(self, outcomes: list[dict[str, Any]], now: float | None = None) -> None:
         """Store results and final states for a batch in one round trip.
 
-        Each outcome: ``{"id", "status", "result"?, "error"?, "model"?, "priority"?}``;
-        status is terminal or ``retrying``; model and priority feed the counters. ``only_result`` writes the Celery meta and notifies, for
-        callers that already moved the record.
+        Each outcome: ``{"id", "status", "result"?, "error"?, "model"?, "priority"?, "recorded"?}``;
+        status is terminal or ``retrying``; model and priority feed the counters;
+        ``recorded`` means a script already moved the record (only the Celery meta,
+        the notification and the counters are written).
         """
         now = time.time() if now is None else now
         pipe = self.r.pipeline(transaction=True)
@@ -204,8 +249,10 @@ class JobStore:
                 fields["finished_at"] = repr(now)
             if outcome.get("error") is not None:
                 fields["error"] = json.dumps(outcome["error"])
-            if not only_result:
+            if not outcome.get("recorded"):
                 pipe.hset(self.key(job_id), mapping=fields)
+            if status == "retrying" and outcome.get("model"):
+                pipe.hincrby(f"waiting:{outcome['model']}", outcome.get("priority") or "normal", 1)
             if status in TERMINAL:
                 meta = {"status": _CELERY_STATE[status], "task_id": job_id, "traceback": None,
                         "children": [], "date_done": iso(now)}
@@ -222,7 +269,7 @@ class JobStore:
                 if outcome.get("model"):
                     pipe.hincrby("stats:finished",
                                  f"{outcome['model']}|{outcome.get('priority') or 'normal'}|{status}", 1)
-            if not only_result:
+            if not outcome.get("recorded"):
                 pipe.expire(self.key(job_id), self.ttl_s)
         pipe.execute()
 
@@ -246,12 +293,14 @@ class JobStore:
         finally:
             pubsub.close()
 
-    def queue_depths(self, queue: str, priorities: dict[str, int]) -> dict[str, int]:
-        """Messages waiting in a model's queue, by priority name (kombu's list per step)."""
-        pipe = self.r.pipeline(transaction=False)
-        for value in priorities.values():
-            pipe.llen(queue if value == 0 else f"{queue}\x06\x16{value}")
-        return dict(zip(priorities, pipe.execute()))
+    def queue_depths(self, model: str, priorities) -> dict[str, int]:
+        """Jobs of a model waiting to start, by priority: in Redis or prefetched by a worker.
+
+        Kept exact by the same atomic transitions that move jobs (create, claim, cancel,
+        expire, retry), rather than read from the broker's lists, which miss prefetched jobs.
+        """
+        counts = self.r.hmget(f"waiting:{model}", list(priorities))
+        return {name: max(0, int(n or 0)) for name, n in zip(priorities, counts)}
 
     def heartbeat(self, model: str, worker: str, ttl_s: int, info: dict[str, Any]) -> None:
         self.r.set(f"workers:{model}:{worker}", json.dumps(info), ex=ttl_s)

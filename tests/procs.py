@@ -113,7 +113,6 @@ def worker_ready(redis_url: str, model: str, proc: Proc, timeout_s: float = 120)
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    hostname = None
 
     def check():
         if not proc.alive():
@@ -122,13 +121,13 @@ def worker_ready(redis_url: str, model: str, proc: Proc, timeout_s: float = 120)
         return [k for k in keys if proc.name in k]
 
     wait_until(check, timeout_s, f"worker for {model}", interval=0.2)
-    return hostname
 
 
 def start_api(env: dict[str, str], log_dir: Path) -> tuple[Proc, str]:
     port = free_port()
     proc = Proc(f"api-{port}", [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "1",
                                 "--worker-class", "gthread", "--threads", "16", "--timeout", "60",
+                                "--limit-request-line", "16384", "--limit-request-field_size", "32768",
                                 "wsgi:app"], env, log_dir)
     base = f"http://127.0.0.1:{port}"
 

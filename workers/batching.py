@@ -23,17 +23,28 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def plan(requests: Sequence[T], max_size: int, priority: Callable[[T], int]) -> tuple[list[T], list[T]]:
+def plan(requests: Sequence[T], max_size: int, priority: Callable[[T], int],
+         weight: Callable[[T], int] = lambda r: 1) -> tuple[list[T], list[T]]:
     """Split buffered requests into (next batch, leftovers): most urgent first,
-    arrival order kept within a priority.
+    arrival order kept within a priority, at most ``max_size`` inputs in all
+    (``weight`` is a request's input count; one request is always taken).
 
     >>> plan([("a", 5), ("b", 0), ("c", 5)], 2, priority=lambda r: r[1])
     ([('b', 0), ('a', 5)], [('c', 5)])
+    >>> plan([("big", 0, 300), ("x", 0, 1)], 64, priority=lambda r: r[1], weight=lambda r: r[2])
+    ([('big', 0, 300)], [('x', 0, 1)])
     """
     if max_size < 1:
         raise ValueError(f"max_size must be >= 1, got {max_size}")
     ordered = sorted(requests, key=priority)  # sorted() is stable
-    return ordered[:max_size], ordered[max_size:]
+    total, cut = 0, 0
+    for request in ordered:
+        size = max(1, weight(request))
+        if cut and total + size > max_size:
+            break
+        total += size
+        cut += 1
+    return ordered[:cut], ordered[cut:]
 
 
 @dataclass

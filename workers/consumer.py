@@ -7,7 +7,8 @@ the batch function returns, stored or not; (3) sends no per-request events.
 This subclass:
 
 * flushes only when a pool process is free, taking up to ``flush_every``
-  requests, most urgent priority first (``workers.batching.plan``);
+  inputs (not jobs: a job's ``inputs`` list counts in full), most urgent
+  priority first (``workers.batching.plan``);
 * acks exactly the requests the batch function says it finished (stored a
   result for, or found already terminal), and puts the rest back on the queue;
 * requeues a whole batch whose pool process died;
@@ -31,6 +32,14 @@ log = logging.getLogger(__name__)
 _LOWEST = 255
 
 
+def _inputs(request) -> int:
+    """How many model inputs a job carries (its weight in a batch)."""
+    try:
+        return len((request.kwargs or {}).get("inputs") or ()) or 1
+    except Exception:
+        return 1
+
+
 def _priority(request) -> int:
     value = (request.delivery_info or {}).get("priority")
     return _LOWEST if value is None else int(value)
@@ -40,7 +49,7 @@ class ModelBatches(Batches):
     """A batching task whose batch function returns the ids it finished."""
 
     abstract = True
-    #: Most jobs in one batch (the model's max_batch_size).
+    #: Most inputs in one batch (the model's max_batch_size); one job is always taken.
     flush_every = 32
     #: Seconds the first job of a batch may wait for more (the model's max_wait_ms).
     flush_interval = 0.01
@@ -81,7 +90,7 @@ class ModelBatches(Batches):
                 self._pending.put(request)
             elif not request.acknowledged:
                 ready.append(request)
-        batch, rest = plan(ready, self.flush_every, _priority)
+        batch, rest = plan(ready, self.flush_every, _priority, _inputs)
         for request in rest:
             self._buffer.put(request)
         if batch:

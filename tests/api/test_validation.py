@@ -61,6 +61,31 @@ def test_malformed_json_and_non_object(client):
     assert "not valid JSON" in error_of(
         client.post("/jobs", data="{nope", content_type="application/json"), 400)["message"]
     assert "JSON object" in error_of(client.post("/jobs", json=["a"]), 400)["message"]
+    assert "JSON object" in error_of(client.post("/jobs", data="null", content_type="application/json"), 400)["message"]
+    deep = '{"model": "minilm", "input": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    app = create_app({"TESTING": True})
+    assert "not valid JSON" in error_of(
+        app.test_client().post("/jobs", data=deep, content_type="application/json"), 400)["message"]
+
+
+def test_chunked_body_over_the_limit_is_413(client):
+    """A chunked body has no Content-Length: it is cut at the limit, and that is a 413, not a 400."""
+    body = b'{"model": "minilm", "input": "' + b"x" * 10_000 + b'"}'
+    response = client.post("/jobs", input_stream=io.BytesIO(body), content_type="application/json",
+                           headers={"Transfer-Encoding": "chunked"},
+                           environ_overrides={"wsgi.input_terminated": True})
+    assert error_of(response, 413)["type"] == "too_large"
+
+
+def test_text_that_is_not_unicode_is_400(client):
+    err = error_of(client.post("/jobs", data='{"model": "minilm", "input": "\\ud800"}',
+                               content_type="application/json"), 400)
+    assert "not valid Unicode" in err["message"]
+
+
+def test_extreme_aspect_ratio_is_400(client):
+    err = error_of(client.post("/jobs", json={"model": "efficientnet-lite0", "input": {"image_b64": png((5000, 1))}}), 400)
+    assert "5000x1" in err["message"]
 
 
 def test_wrong_content_type_is_415(client):
@@ -82,6 +107,13 @@ def test_limits_are_413(client):
     assert "pixels" in err["message"]
     err = error_of(client.post("/jobs", json={"model": "minilm", "input": "x" * 5000}), 413)
     assert err["type"] == "too_large"
+
+
+def test_multipart_fields_are_checked(client):
+    raw = base64.b64decode(png())
+    data = {"model": "efficientnet-lite0", "foo": "bar", "image": (io.BytesIO(raw), "x.png")}
+    err = error_of(client.post("/jobs", data=data, content_type="multipart/form-data"), 400)
+    assert "unknown multipart fields ['foo']" in err["message"]
 
 
 def test_multipart_needs_an_image(client):
@@ -120,4 +152,6 @@ def test_api_keys_guard_everything_but_health():
     err = error_of(c.post("/jobs", json={"model": "minilm", "input": "x"}), 401)
     assert err["type"] == "unauthorized"
     assert error_of(c.get("/models", headers={"Authorization": "Bearer wrong"}), 401)
-    assert c.get("/openapi.json", headers={"X-API-Key": "k1"}).status_code == 200
+    assert c.get("/openapi.json").status_code == 200  # the docs are open, the API is not
+    assert c.get("/docs").status_code == 200
+    assert error_of(c.get("/models", headers={"X-API-Key": "ключ"}), 401)  # non-ASCII key: 401, not 500

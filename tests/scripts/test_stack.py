@@ -19,8 +19,8 @@ def stack(tmp_path):
            "FLOWER_PORT": str(free_port()), "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
            "MODELS": "minilm,sentiment", "TORCH_THREADS": "1", "FLOWER_BASIC_AUTH": "ops:s3cret"}
 
-    def run(*args, timeout=400):
-        return subprocess.run([sys.executable, "scripts/stack.py", *args], cwd=ROOT, env=env,
+    def run(*args, timeout=400, extra=None):
+        return subprocess.run([sys.executable, "scripts/stack.py", *args], cwd=ROOT, env={**env, **(extra or {})},
                               capture_output=True, text=True, timeout=timeout)
 
     try:
@@ -67,6 +67,12 @@ def test_up_is_idempotent_restarts_crashes_and_down_stops_everything(stack):
     job = requests.post(f"{api}/jobs", json={"model": "minilm", "input": "after the crash"}, timeout=10).json()
     done = requests.get(f"{api}/jobs/{job['id']}", params={"wait": 30}, timeout=40).json()
     assert done["status"] == "succeeded", done
+
+    # changed settings on a second `up` restart what they affect: here the API, now with keys
+    keyed = run("up", "--no-warmup", extra={"API_KEYS": "k9"})
+    assert keyed.returncode == 0, keyed.stdout + keyed.stderr
+    assert requests.get(f"{api}/models", timeout=10).status_code == 401
+    assert requests.get(f"{api}/models", headers={"X-API-Key": "k9"}, timeout=10).status_code == 200
 
     redis_conf = open(os.path.join(env["VAR_DIR"], "redis.conf")).read()
     assert "appendonly yes" in redis_conf and "bind 127.0.0.1" in redis_conf

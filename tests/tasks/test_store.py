@@ -6,7 +6,8 @@ import uuid
 
 import pytest
 
-from tasks.store import JobStore, result_key
+from celeryconfig import PRIORITIES
+from tasks.store import JobStore, iso, result_key
 
 
 @pytest.fixture
@@ -48,6 +49,7 @@ def test_claim_runs_once_then_skips_finished_duplicates(store):
 def test_cancel_only_queued_jobs(store):
     job_id = new_job(store)
     assert store.cancel(job_id) == (True, "cancelled")
+    assert store.get(job_id)["error"] == {"type": "Cancelled", "message": "cancelled by the client"}
     assert store.cancel(job_id) == (False, "cancelled")
     assert store.claim([job_id], "w", 1, 3) == [("skip", "cancelled")]
     running = new_job(store)
@@ -57,15 +59,50 @@ def test_cancel_only_queued_jobs(store):
 
 
 def test_deadline_passed_means_expired_never_run(store):
-    job_id = new_job(store, deadline=time.time() - 1)
+    deadline = time.time() - 1
+    job_id = new_job(store, deadline=deadline)
     assert store.claim([job_id], "w", 1, 3) == [("expired", None)]
-    assert store.get(job_id)["status"] == "expired"
+    job = store.get(job_id)
+    assert job["status"] == "expired" and job["error"]["type"] == "Expired"
+    assert job["finished_at"] == iso(deadline) and job["started_at"] is None
+
+
+def test_a_read_expires_a_late_job_even_with_no_worker(store):
+    job_id = new_job(store, deadline=time.time() + 0.2)
+    assert store.get(job_id)["status"] == "queued"
+    time.sleep(0.3)
+    job = store.get(job_id)
+    assert job["status"] == "expired" and job["error"]["type"] == "Expired"
+    assert store.queue_depths("m", PRIORITIES)["high"] == 0
+    assert store.claim([job_id], "w", 1, 3) == [("skip", "expired")]  # a worker never runs it
+    meta = json.loads(store.r.get(result_key(job_id)))
+    assert meta["status"] == "REVOKED"
+    assert store.wait(new_job(store, deadline=time.time() + 0.3), 5)["status"] == "expired"
+
+
+def test_waiting_counts_follow_every_transition(store):
+    def waiting():
+        return store.queue_depths("m", PRIORITIES)["high"]
+
+    a, b, c = new_job(store), new_job(store), new_job(store)
+    assert waiting() == 3
+    store.claim([a], "w", 1, 3)                       # queued -> running
+    store.cancel(b)                                    # queued -> cancelled
+    assert waiting() == 1
+    store.finish([{"id": a, "status": "retrying", "model": "m", "priority": "high"}])
+    assert waiting() == 2                              # back to waiting for its retry
+    store.claim([a, c], "w", 2, 3)
+    assert waiting() == 0
+    store.claim([a], "w", 1, 3)                        # a redelivery of a running job: no change
+    assert waiting() == 0
 
 
 def test_deliveries_are_capped(store):
     job_id = new_job(store)
     verdicts = [store.claim([job_id], "w", 1, max_deliveries=2)[0] for _ in range(3)]
     assert verdicts == [("run", 1), ("run", 2), ("exhausted", 3)]
+    job = store.get(job_id)
+    assert job["status"] == "failed" and job["error"]["type"] == "TooManyDeliveries"
 
 
 def test_idempotency_key_reservation(store):

@@ -29,6 +29,11 @@ def test_plan_takes_the_most_urgent_first_and_keeps_arrival_order():
     batch, rest = plan(reqs, 3, priority=lambda r: r[1])
     assert batch == [("c", 0), ("e", 0), ("b", 5)]
     assert rest == [("d", 5), ("a", 9)]
+    weighted = [("a", 0, 3), ("b", 0, 3), ("c", 5, 1), ("d", 0, 10)]
+    batch, rest = plan(weighted, 6, priority=lambda r: r[1], weight=lambda r: r[2])
+    assert batch == [("a", 0, 3), ("b", 0, 3)] and rest == [("d", 0, 10), ("c", 5, 1)]
+    batch, _ = plan([("huge", 0, 500)], 6, priority=lambda r: r[1], weight=lambda r: r[2])
+    assert batch == [("huge", 0, 500)]  # a job larger than a batch still runs, alone
     with pytest.raises(ValueError, match="max_size must be >= 1"):
         plan(reqs, 0, priority=lambda r: r[1])
 
