@@ -30,7 +30,7 @@ def test_high_overtakes_normal_and_low_under_a_backlog(client, stack_env, stack_
     cancelled = client.submit("prio", "never mind", priority="high")["id"]
     assert client.delete(f"/jobs/{cancelled}").status_code == 200
     depth = {m["name"]: m for m in client.get("/models").json()["models"]}["prio"]["queue_depth"]
-    assert depth == {"high": 8, "normal": 12, "low": 12}
+    assert depth == {"high": 7, "normal": 12, "low": 12}  # the cancelled job no longer waits
     time.sleep(0.5)  # the deadline passes while nothing serves the queue
     worker = start_worker("prio", stack_env, stack_dir)
     try:
@@ -87,3 +87,14 @@ def test_every_job_sends_its_own_task_events(client, redis_url):
         thread.join(timeout=5)
     for job_id in ids:
         assert seen(job_id, "task-received") and seen(job_id, "task-started"), job_id
+
+
+def test_batches_are_capped_by_inputs_not_jobs(client):
+    """flaky's max_batch_size is 16 inputs: jobs of 10 inputs each never share a batch."""
+    with ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(lambda i: client.submit("flaky", inputs=[f"job {i} item {k}" for k in range(10)])["id"],
+                            range(4)))
+    jobs = [client.wait(i) for i in ids]
+    assert all(j["status"] == "succeeded" and len(j["result"]) == 10 for j in jobs), jobs
+    assert [j["batch_size"] for j in jobs] == [1, 1, 1, 1]
+    assert all(item["batch"] <= 16 for j in jobs for item in j["result"])
