@@ -84,18 +84,24 @@ def infer(self, requests) -> list[str]:
 
     outcomes = _run(jobs)
     by_id = {r.id: r for r in requests}
+    retries = []
     for outcome in outcomes:
+        item = {"id": outcome.job_id, "status": outcome.status, "result": outcome.result, "error": outcome.error}
         if outcome.status == "retry":
-            finished.append(_retry(self, by_id[outcome.job_id], outcome, attempts[outcome.job_id]))
-        else:
-            finished.append({"id": outcome.job_id, "status": outcome.status,
-                             "result": outcome.result, "error": outcome.error})
-    for item in finished:
+            item["status"] = "retrying" if attempts[outcome.job_id] <= settings.MAX_RETRIES else "failed"
+        (retries if item["status"] == "retrying" else finished).append(item)
+    for item in finished + retries:
         request = by_id[item["id"]]
         item["model"] = (request.kwargs or {}).get("model")
         item["priority"] = PRIORITY_NAMES.get((request.delivery_info or {}).get("priority"), "normal")
+    if retries:
+        # Recorded before the new message exists, so no other worker can start it first.
+        store.finish(retries)
+        for item in retries:
+            _republish(self, by_id[item["id"]], attempts[item["id"]])
     if finished:
-        store.finish(finished)  # raises if Redis is gone: nothing is acked, all come back
+        store.finish(finished)  # raises if Redis is gone: nothing is acked, every job comes back
+    finished += retries
     runtime = time.time() - started
     for item in finished:
         if item["status"] == "succeeded":
@@ -121,11 +127,9 @@ def _run(jobs: list[Job]) -> list[Outcome]:
     return execute(runner, jobs, state.spec.max_batch_size)
 
 
-def _retry(task, request, outcome: Outcome, attempt: int) -> dict[str, Any]:
-    if attempt > settings.MAX_RETRIES:
-        return {"id": outcome.job_id, "status": "failed", "error": outcome.error}
+def _republish(task, request, attempt: int) -> None:
+    """A new message for the same job id, after a backoff; the old one is acked once this returns."""
     priority = (request.delivery_info or {}).get("priority")
     task.app.send_task(TASK_NAME, kwargs=request.kwargs, task_id=request.id,
                        queue=state.spec.queue, countdown=backoff_s(attempt),
                        priority=PRIORITIES["normal"] if priority is None else priority)
-    return {"id": outcome.job_id, "status": "retrying", "error": outcome.error}

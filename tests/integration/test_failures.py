@@ -37,6 +37,8 @@ def test_a_transient_error_is_retried_with_backoff(client):
     job = client.wait(client.submit("flaky", f"transient:{uuid.uuid4().hex}")["id"])
     assert job["status"] == "succeeded", job
     assert job["attempts"] == 2
+    depth = {m["name"]: m for m in client.get("/models").json()["models"]}["flaky"]["queue_depth"]
+    assert depth == {"high": 0, "normal": 0, "low": 0}  # waiting counts balance across the retry
 
 
 def test_worker_side_decode_failure_fails_that_job(client):
