@@ -49,38 +49,43 @@ def submit():
     check_items(spec, sub.items, max_inputs=cfg["MAX_INPUTS"], max_text_chars=cfg["MAX_TEXT_CHARS"],
                 max_pixels=cfg["MAX_IMAGE_PIXELS"])
     store = _store()
-    depth = sum(store.queue_depths(spec.name, PRIORITIES).values())
-    if depth >= cfg["MAX_QUEUED"]:
-        raise TooManyRequests(f"model {spec.name!r} has {depth} jobs queued (limit {cfg['MAX_QUEUED']})",
-                              headers={"Retry-After": "5"})
     job_id = str(uuid.uuid4())
     idem_key = request.headers.get("Idempotency-Key")
     if idem_key is not None:
         if not 1 <= len(idem_key) <= 200:
             raise BadRequest("Idempotency-Key must be 1 to 200 characters")
         existing = store.reserve_idempotency_key(g.owner, idem_key, job_id)
-        if existing:
+        if existing:  # a replay: the job it made, whatever the queue looks like now
             job = _wait_for_record(existing)
-            if job is not None:
-                return _accepted(job)
-    now = time.time()
-    deadline = now + sub.timeout_s if sub.timeout_s else None
+            if job is None:
+                raise Conflict("a request with this Idempotency-Key is in flight or failed; retry it",
+                               headers={"Retry-After": "1"})
+            return _accepted(job)
+    created = False
     try:
-        store.create(job_id, model=spec.name, priority=sub.priority, owner=g.owner,
-                     n_inputs=len(sub.items), single=sub.single, deadline=deadline, now=now)
+        depth = sum(store.queue_depths(spec.name, PRIORITIES).values())
+        if depth >= cfg["MAX_QUEUED"]:
+            raise TooManyRequests(f"model {spec.name!r} has {depth} jobs queued (limit {cfg['MAX_QUEUED']})",
+                                  headers={"Retry-After": "5"})
+        now = time.time()
+        store.create(job_id, model=spec.name, priority=sub.priority, owner=g.owner, n_inputs=len(sub.items),
+                     single=sub.single, deadline=now + sub.timeout_s if sub.timeout_s else None, now=now)
+        created = True
         current_app.extensions["celery"].send_task(
             TASK_NAME, task_id=job_id, queue=spec.queue, priority=PRIORITIES[sub.priority],
             kwargs={"model": spec.name, "inputs": sub.items, "single": sub.single})
     except Exception:
-        _undo(store, job_id, spec.name, sub.priority, idem_key)
+        _undo(store, job_id, spec.name, sub.priority, idem_key, created)
         raise
     store.count_submitted(spec.name, sub.priority)
     return _accepted({"id": job_id, "status": "queued", "model": spec.name, "priority": sub.priority})
 
 
-def _undo(store, job_id: str, model: str, priority: str, idem_key: str | None) -> None:
+def _undo(store, job_id: str, model: str, priority: str, idem_key: str | None, created: bool) -> None:
+    """Nothing was issued: drop the record (if written) and free the idempotency key."""
     try:
-        store.forget(job_id, model, priority)
+        if created:
+            store.forget(job_id, model, priority)
         if idem_key is not None:
             store.release_idempotency_key(g.owner, idem_key)
     except Exception:  # Redis itself is down: nothing was issued either way

@@ -130,12 +130,15 @@ def test_a_full_queue_is_429_with_retry_after(client, stack_env, stack_dir):
     proc, base = start_api({**stack_env, "MAX_QUEUED": str(depth + 2)}, stack_dir)
     try:
         full = Client(base)
-        full.submit("idle", "one")
+        key = {"Idempotency-Key": f"k-{uuid.uuid4()}"}
+        first = full.submit("idle", "one", headers=key)
         full.submit("idle", "two")
         response = full.post("/jobs", json={"model": "idle", "input": "three"})
         assert response.status_code == 429, response.text
         assert response.json()["error"]["type"] == "queue_full"
         assert int(response.headers["Retry-After"]) > 0
+        # a replay is not new work: it gets its job back even with the queue full
+        assert full.submit("idle", "one", headers=key)["id"] == first["id"]
         assert full.submit("minilm", "other models are not affected")["status"] == "queued"
     finally:
         proc.stop()
