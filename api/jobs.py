@@ -57,10 +57,12 @@ def submit():
         existing = store.reserve_idempotency_key(g.owner, idem_key, job_id)
         if existing:  # a replay: the job it made, whatever the queue looks like now
             job = _wait_for_record(existing)
-            if job is None:
-                raise Conflict("a request with this Idempotency-Key is in flight or failed; retry it",
+            if job is not None:
+                return _accepted(job)
+            # The request holding the key never created its job (its process died): take the key over.
+            if not store.take_over_idempotency_key(g.owner, idem_key, existing, job_id):
+                raise Conflict("another request with this Idempotency-Key is being handled; retry it",
                                headers={"Retry-After": "1"})
-            return _accepted(job)
     created = False
     try:
         depth = sum(store.queue_depths(spec.name, PRIORITIES).values())

@@ -83,6 +83,16 @@ return st
 """
 
 
+# KEYS[1] idempotency key. ARGV: the job id it should hold now, the new one. -> 1 if swapped
+_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  return 1
+end
+return 0
+"""
+
+
 def iso(ts: str | float | None) -> str | None:
     """Epoch seconds -> ``2026-11-22T10:00:00.000Z``."""
     if ts in (None, ""):
@@ -108,6 +118,7 @@ class JobStore:
         self._claim = client.register_script(_CLAIM)
         self._cancel = client.register_script(_CANCEL)
         self._expire = client.register_script(_EXPIRE_IF_DUE)
+        self._take_over = client.register_script(_TAKE_OVER)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int) -> "JobStore":
@@ -146,6 +157,10 @@ class JobStore:
         if self.r.set(name, job_id, nx=True, ex=self.ttl_s):
             return None
         return self.r.get(name)
+
+    def take_over_idempotency_key(self, owner: str, key: str, stale_job_id: str, job_id: str) -> bool:
+        """Point ``key`` at ``job_id`` if it still names ``stale_job_id`` (a job never created)."""
+        return bool(self._take_over(keys=[f"idem:{owner}:{key}"], args=[stale_job_id, job_id]))
 
     def release_idempotency_key(self, owner: str, key: str) -> None:
         self.r.delete(f"idem:{owner}:{key}")

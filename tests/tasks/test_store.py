@@ -109,6 +109,10 @@ def test_idempotency_key_reservation(store):
     assert store.reserve_idempotency_key("o", "k", "job-1") is None
     assert store.reserve_idempotency_key("o", "k", "job-2") == "job-1"
     assert store.reserve_idempotency_key("other-owner", "k", "job-3") is None
+    # a holder that never created its job can be replaced, once, atomically
+    assert store.take_over_idempotency_key("o", "k", "job-1", "job-4") is True
+    assert store.take_over_idempotency_key("o", "k", "job-1", "job-5") is False
+    assert store.reserve_idempotency_key("o", "k", "job-6") == "job-4"
 
 
 def test_wait_returns_when_the_job_finishes(store):
