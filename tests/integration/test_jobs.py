@@ -136,3 +136,12 @@ def test_wait_returns_as_soon_as_the_job_finishes(client):
     job = client.get(f"/jobs/{job_id}", params={"wait": 20}).json()
     assert job["status"] == "succeeded"
     assert time.monotonic() - start < 10
+
+
+def test_an_idempotency_key_whose_request_died_is_taken_over(client, redis_client):
+    """A key reserved by a request that died before creating its job does not block repeats."""
+    key = f"orphan-{uuid.uuid4()}"
+    redis_client.set(f"idem::{key}", str(uuid.uuid4()), ex=60)  # no API keys: owner ""
+    job = client.submit("minilm", "after the crash", headers={"Idempotency-Key": key})
+    assert client.wait(job["id"])["status"] == "succeeded"
+    assert client.submit("minilm", "after the crash", headers={"Idempotency-Key": key})["id"] == job["id"]
