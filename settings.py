@@ -52,6 +52,34 @@ MAX_DELIVERIES = _int("MAX_DELIVERIES", 5)
 MAX_RETRIES = _int("MAX_RETRIES", 3)
 #: Torch threads per worker process; 0 picks cores / models served on this host.
 TORCH_THREADS = _int("TORCH_THREADS", 0)
+def _probability(name: str) -> float:
+    raw = os.environ.get(name, "") or "0"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number between 0 and 1, got {raw!r}") from None
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} must be between 0 and 1, got {raw!r}")
+    return value
+
+
+def _range_ms(name: str) -> tuple[float, float]:
+    raw = os.environ.get(name, "") or "0"
+    try:
+        low, _, high = raw.partition("-")
+        bounds = (float(low), float(high or low))
+    except ValueError:
+        raise ValueError(f"{name} must be MS or MIN-MAX in milliseconds, got {raw!r}") from None
+    if not 0 <= bounds[0] <= bounds[1]:
+        raise ValueError(f"{name} must be MS or MIN-MAX with 0 <= MIN <= MAX, got {raw!r}")
+    return bounds
+
+
+#: Failure injection, for demos and fault tests (off by default): the probability that a
+#: worker's pool process dies abruptly (os._exit) in the middle of a batch ...
+FAULT_CRASH_PROBABILITY = _probability("FAULT_CRASH_PROBABILITY")
+#: ... and a random delay added to every batch, "MS" or "MIN-MAX" in milliseconds.
+FAULT_DELAY_MS = _range_ms("FAULT_DELAY_MS")
 #: Device for models that do not name one: auto (CUDA when available), cpu or cuda.
 DEVICE = os.environ.get("DEVICE", "auto")
 if DEVICE not in ("auto", "cpu", "cuda") and not (DEVICE.startswith("cuda:") and DEVICE[5:].isdigit()):

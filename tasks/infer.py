@@ -11,6 +11,7 @@ result is stored.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from typing import Any
@@ -82,6 +83,7 @@ def infer(self, requests) -> list[str]:
             jobs.append(Job(request.id, list(kwargs.get("inputs") or []), bool(kwargs.get("single", True))))
             _send(hostname, "task-started", uuid=request.id)
 
+    _inject_faults(len(jobs))
     outcomes = _run(jobs)
     by_id = {r.id: r for r in requests}
     retries = []
@@ -114,6 +116,18 @@ def infer(self, requests) -> list[str]:
             _send(hostname, "task-retried", uuid=item["id"], exception=str(item.get("error")), traceback="")
     log.info("batch of %d (%d run) in %.1f ms", len(requests), len(jobs), runtime * 1000)
     return acked + [item["id"] for item in finished]
+
+
+def _inject_faults(n_jobs: int) -> None:
+    """FAULT_DELAY_MS and FAULT_CRASH_PROBABILITY: after the claim, before any result is stored."""
+    if not n_jobs:
+        return
+    low, high = settings.FAULT_DELAY_MS
+    if high > 0:
+        time.sleep(random.uniform(low, high) / 1000)
+    if settings.FAULT_CRASH_PROBABILITY and random.random() < settings.FAULT_CRASH_PROBABILITY:
+        log.warning("FAULT_CRASH_PROBABILITY: this pool process exits now, mid-batch of %d", n_jobs)
+        os._exit(70)
 
 
 def _run(jobs: list[Job]) -> list[Outcome]:

@@ -142,3 +142,21 @@ def test_a_full_queue_is_429_with_retry_after(client, stack_env, stack_dir):
         assert full.submit("minilm", "other models are not affected")["status"] == "queued"
     finally:
         proc.stop()
+
+
+def test_a_job_that_always_crashes_its_process_fails_after_max_deliveries(client, stack_env, stack_dir, redis_url):
+    """FAULT_CRASH_PROBABILITY=1: every delivery kills the pool process mid-batch. The job is
+    redelivered, then fails with TooManyDeliveries: it never stays running or queued forever."""
+    env = {**stack_env, "FAULT_CRASH_PROBABILITY": "1", "MAX_DELIVERIES": "3", "FAULT_DELAY_MS": "5-20"}
+    worker = start_worker("prio", env, stack_dir)
+    try:
+        worker_ready(redis_url, "prio", worker)
+        job = client.wait(client.submit("prio", "doomed")["id"], timeout=30)
+        if job["status"] not in ("failed",):
+            job = client.wait(job["id"], timeout=30)
+        assert worker.alive()  # the pool process died, not the worker
+    finally:
+        worker.stop()
+    assert job["status"] == "failed", job
+    assert job["error"]["type"] == "TooManyDeliveries" and job["attempts"] == 4
+    assert "exits now, mid-batch" in worker.log(20000)
