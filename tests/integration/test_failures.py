@@ -160,3 +160,30 @@ def test_a_job_that_always_crashes_its_process_fails_after_max_deliveries(client
     assert job["status"] == "failed", job
     assert job["error"]["type"] == "TooManyDeliveries" and job["attempts"] == 4
     assert "exits now, mid-batch" in worker.log(20000)
+
+
+def test_sigterm_finishes_the_running_batch_and_returns_the_rest(client, stack_env, stack_dir, redis_url):
+    """Warm shutdown: the batch in the pool completes and is stored; prefetched jobs go back to the
+    queue; a new worker serves them. Nothing is lost and nothing runs twice."""
+    worker = start_worker("slow", stack_env, stack_dir)
+    try:
+        worker_ready(redis_url, "slow", worker)
+        ids = [client.submit("slow", f"term {i}")["id"] for i in range(8)]
+        running = wait_until(lambda: [i for i in ids if client.get(f"/jobs/{i}").json()["status"] == "running"],
+                             30, "a batch running")
+        os.kill(worker.pid, signal.SIGTERM)
+        wait_until(lambda: not worker.alive(), 60, "warm shutdown")
+    finally:
+        worker.stop()
+    after_stop = {i: client.get(f"/jobs/{i}").json() for i in ids}
+    assert all(after_stop[i]["status"] == "succeeded" for i in running), after_stop
+    assert all(j["status"] in ("succeeded", "queued") for j in after_stop.values()), after_stop
+    replacement = start_worker("slow", stack_env, stack_dir)
+    try:
+        worker_ready(redis_url, "slow", replacement)
+        jobs = [client.wait(i, timeout=30) for i in ids]
+        jobs = [j if j["status"] == "succeeded" else client.wait(j["id"], timeout=30) for j in jobs]
+    finally:
+        replacement.stop()
+    assert all(j["status"] == "succeeded" for j in jobs), jobs
+    assert all(j["attempts"] == 1 for j in jobs), [j["attempts"] for j in jobs]
