@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import io
 import json
 import os
@@ -76,16 +77,22 @@ def _quote(name: str, value: str) -> str:
     return '"' + value.replace("%", "%%") + '"'
 
 
+def _environment(env: dict[str, str]) -> str:
+    return ",".join(f"{k}={_quote(k, v)}" for k, v in env.items())
+
+
 def render(registry: Registry, credential: str) -> None:
-    env = {
+    """Each program gets only the settings it reads, so that changing one (adding a model, say)
+    restarts only the programs it affects when `make up` runs again."""
+    common = {
         "PYTHONPATH": str(ROOT), "REDIS_URL": celeryconfig.broker_url,
         "BROKER_URL": celeryconfig.broker_url, "RESULT_BACKEND": celeryconfig.result_backend,
-        "MODELS_FILE": settings.MODELS_FILE, "MODELS": ",".join(registry.names()),
-        "FLOWER_BASIC_AUTH": credential, "VAR_DIR": str(VAR), "TOKENIZERS_PARALLELISM": "false",
+        "VAR_DIR": str(VAR), "TOKENIZERS_PARALLELISM": "false",
         **{name: os.environ[name] for name in FORWARDED if name in os.environ},
     }
-    environment = ",".join(f"{k}={_quote(k, v)}" for k, v in env.items())
-    programs = []
+    served = registry.names()
+    threads = str(settings.TORCH_THREADS or max(1, (os.cpu_count() or 1) // max(1, len(served))))
+    programs = []  # (name, command, priority, stop wait, environment)
     redis = local_redis()
     if redis:
         host, port, password = redis
@@ -96,17 +103,23 @@ def render(registry: Registry, credential: str) -> None:
         if password:
             lines.append(f"requirepass {password}")
         (VAR / "redis.conf").write_text("\n".join(lines) + "\n")
-        programs.append(("redis", f"redis-server {VAR / 'redis.conf'}", 10, 10))
+        programs.append(("redis", f"redis-server {VAR / 'redis.conf'}", 10, 10, {}))
     programs.append(("api", f"{VENV_BIN / 'gunicorn'} --bind {settings.API_HOST}:{settings.API_PORT} "
                             f"--workers {settings.API_WORKERS} --worker-class gthread "
                             f"--threads {settings.API_THREADS} --timeout 60 --graceful-timeout 30 "
-                            f"{GUNICORN_LIMITS} --access-logfile - wsgi:app", 20, 30))
+                            f"{GUNICORN_LIMITS} --access-logfile - wsgi:app", 20, 30,
+                     {**common, "MODELS_FILE": settings.MODELS_FILE, "MODELS": ",".join(served)}))
     for spec in registry:
+        entry = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]  # restart when the entry changes
         programs.append((f"worker-{spec.name}",
                          f"{VENV_BIN / 'celery'} -A workers worker --model {spec.name} "
-                         f"--loglevel INFO --hostname worker-{spec.name}@%%h", 30, 60))
+                         f"--loglevel INFO --hostname worker-{spec.name}@%%h", 30, 60,
+                         {**common, "MODELS_FILE": settings.MODELS_FILE, "MODELS": spec.name,
+                          "TORCH_THREADS": threads, "MODEL_ENTRY_SHA": entry}))
     programs.append(("flower", f"{VENV_BIN / 'celery'} -A workers flower "
-                               f"--conf={ROOT / 'flower' / 'flowerconfig.py'}", 40, 10))
+                               f"--conf={ROOT / 'flower' / 'flowerconfig.py'}", 40, 10,
+                     {**common, "FLOWER_BASIC_AUTH": credential, "FLOWER_HOST": settings.FLOWER_HOST,
+                      "FLOWER_PORT": str(settings.FLOWER_PORT)}))
     out = [
         "[unix_http_server]", f"file={SOCK}", "chmod=0700", "",
         "[supervisord]", f"logfile={LOGS / 'supervisord.log'}", f"pidfile={VAR / 'supervisord.pid'}",
@@ -114,9 +127,9 @@ def render(registry: Registry, credential: str) -> None:
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
         "[supervisorctl]", f"serverurl=unix://{SOCK}", "",
     ]
-    for name, command, priority, stopwait in programs:
+    for name, command, priority, stopwait, env in programs:
         out += [f"[program:{name}]", f"command={command}", f"directory={ROOT}", f"priority={priority}",
-                f"environment={environment}", "autostart=true", "autorestart=true", "startsecs=2",
+                *([f"environment={_environment(env)}"] if env else []), "autostart=true", "autorestart=true", "startsecs=2",
                 "startretries=10", "stopsignal=TERM", f"stopwaitsecs={stopwait}", "stopasgroup=true",
                 "killasgroup=true", "redirect_stderr=true", f"stdout_logfile={LOGS / (name + '.log')}",
                 "stdout_logfile_maxbytes=20MB", "stdout_logfile_backups=3", ""]
@@ -173,7 +186,29 @@ def sample_input(spec) -> object:
 
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 120, 40)).save(buf, "PNG")
-    return {"image_b64": base64.b64encode(buf.getvalue()).decode()}
+    item = {"image_b64": base64.b64encode(buf.getvalue()).decode()}
+    if spec.task == "zero-shot-image":
+        item["labels"] = ["a photo", "a drawing"]
+    return item
+
+
+def warm_up(api: str, spec) -> str | None:
+    """One real job through the model; returns the model's name if it failed."""
+    start = time.monotonic()
+    body = json.dumps({"model": spec.name, "input": sample_input(spec)}).encode()
+    status, raw = http(f"{api}/jobs", body, {"Content-Type": "application/json"})
+    if status != 202:
+        print(f"    {spec.name:<20} FAILED: submit answered {status}: {raw[:300]!r}")
+        return spec.name
+    status, raw = http(f"{api}/jobs/{json.loads(raw)['id']}?wait=30", timeout=40)
+    job = json.loads(raw) if status == 200 else {}
+    if job.get("status") != "succeeded":
+        print(f"    {spec.name:<20} FAILED: ended {job.get('status')}: {job.get('error')} "
+              f"(see {LOGS / ('worker-' + spec.name + '.log')})")
+        return spec.name
+    print(f"    {spec.name:<20} ok in {time.monotonic() - start:.1f}s "
+          f"(queue {job['queue_ms']} ms, run {job['run_ms']} ms)")
+    return None
 
 
 def up(args) -> None:
@@ -191,7 +226,10 @@ def up(args) -> None:
                      "API_PORT / FLOWER_PORT / REDIS_URL")
         render(registry, credential)
         say("starting supervisord")
-        subprocess.run([str(VENV_BIN / "supervisord"), "-c", str(CONF)], check=True)
+        # A minimal environment: programs see exactly the settings their config gives them,
+        # never a value left over from the shell that first started supervisord.
+        base_env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER") if k in os.environ}
+        subprocess.run([str(VENV_BIN / "supervisord"), "-c", str(CONF)], check=True, env=base_env)
     else:
         render(registry, credential)
         say("supervisord already running: applying changes (programs whose settings changed restart)")
@@ -216,20 +254,10 @@ def up(args) -> None:
                                     headers={"Authorization": auth})[0] == 200, 60, "flower.log")
     if not args.no_warmup:
         say("warming up: one job per model (loads each model once)")
-        for spec in registry:
-            start = time.monotonic()
-            body = json.dumps({"model": spec.name, "input": sample_input(spec)}).encode()
-            status, raw = http(f"{api}/jobs", body, {"Content-Type": "application/json"})
-            if status != 202:
-                sys.exit(f"error: warm-up job for {spec.name} answered {status}: {raw[:300]!r}")
-            job_id = json.loads(raw)["id"]
-            status, raw = http(f"{api}/jobs/{job_id}?wait=30", timeout=40)
-            job = json.loads(raw) if status == 200 else {}
-            if job.get("status") != "succeeded":
-                sys.exit(f"error: warm-up job for {spec.name} ended {job.get('status')}: {job.get('error')}; "
-                         f"see {LOGS / ('worker-' + spec.name + '.log')}")
-            print(f"    {spec.name:<20} ok in {time.monotonic() - start:.1f}s "
-                  f"(queue {job['queue_ms']} ms, run {job['run_ms']} ms)")
+        failed = [name for name in map(lambda spec: warm_up(api, spec), registry) if name]
+        if failed:
+            sys.exit(f"error: warm-up failed for {', '.join(failed)}. Everything is still running so you "
+                     f"can look: logs in {LOGS}/, `make down` to stop.")
     host_note = "" if settings.API_HOST == "127.0.0.1" else f" (listening on {settings.API_HOST})"
     print(f"""
 The system is up.
