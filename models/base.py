@@ -40,6 +40,33 @@ def set_threads(threads: int) -> int:
     return threads
 
 
+def check_state_dict(spec: ModelSpec, path: str, build) -> None:
+    """Read a state-dict file and compare it, key by key and shape by shape, with the
+    architecture ``build()`` makes on torch's meta device (no memory, no compute)."""
+    import torch
+
+    from models.exceptions import ConfigError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"model {spec.name!r}: cannot read state dict {path}: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"model {spec.name!r}: {path} holds a {type(state).__name__}, not a state dict")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    wrong = [f"{k} {got[k]} != {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
+    if missing or extra or wrong:
+        detail = "; ".join(filter(None, [
+            f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
+            f"shape {wrong[:2]}" if wrong else ""]))
+        raise ConfigError(f"model {spec.name!r}: {path} does not fit {spec.source} ({detail}); for another "
+                          f"class count set options.num_classes or options.categories")
+
+
 class Runner:
     """Base class: subclasses implement the four steps."""
 

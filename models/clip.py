@@ -14,7 +14,10 @@ from typing import Any
 
 from models.base import Runner
 from models.exceptions import InvalidInput
-from models.text import _offline_if_local, check_location, max_text_length, resolve_location
+from pathlib import Path
+
+from models.exceptions import ConfigError
+from models.text import _offline_if_local, check_location, hf_config, max_text_length, resolve_location
 from models.vision import image_from
 
 
@@ -29,6 +32,14 @@ class ClipRunner(Runner):
     @classmethod
     def check_spec(cls, spec) -> None:
         check_location(spec, spec.source_location)
+        config = hf_config(spec, spec.source_location)
+        if getattr(config, "model_type", "") != "clip":
+            raise ConfigError(f"model {spec.name!r}: {spec.source_location!r} is a {config.model_type!r} model, "
+                              f"not CLIP; zero-shot-image needs a CLIP model")
+        path = Path(resolve_location(spec.source_location)).expanduser()
+        if path.is_dir() and not (path / "preprocessor_config.json").exists():
+            raise ConfigError(f"model {spec.name!r}: {str(path)!r} has no preprocessor_config.json "
+                              f"(save the CLIPProcessor with the model)")
 
     def load(self) -> None:
         path = resolve_location(self.spec.source_location)

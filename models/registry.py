@@ -82,6 +82,36 @@ class ModelSpec:
         }
 
 
+#: options each source kind understands (a python runner reads its own)
+_OPTIONS = {
+    ("sentence-transformers", "text-classification"): {"scale"},
+    ("torchvision", "image-classification"): {"categories", "num_classes"},
+}
+
+
+def _check_options(where: str, kind: str, task: str, options: Any) -> None:
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}: options must be a table")
+    if kind == "python":
+        return
+    allowed = _OPTIONS.get((kind, task), set())
+    unknown = set(options) - allowed
+    if unknown:
+        raise ConfigError(f"{where}: unknown options {sorted(unknown)}; "
+                          f"{kind} {task} takes {sorted(allowed) or 'none'}")
+    if "scale" in options and (not isinstance(options["scale"], (int, float)) or options["scale"] <= 0):
+        raise ConfigError(f"{where}: options.scale must be a positive number")
+    categories = options.get("categories")
+    if categories is not None and (not isinstance(categories, list) or not categories
+                                   or not all(isinstance(c, str) and c for c in categories)):
+        raise ConfigError(f"{where}: options.categories must be a list of class names")
+    num = options.get("num_classes")
+    if num is not None and (not isinstance(num, int) or isinstance(num, bool) or num < 1):
+        raise ConfigError(f"{where}: options.num_classes must be a positive integer")
+    if categories is not None and num is not None and len(categories) != num:
+        raise ConfigError(f"{where}: options.num_classes = {num} but {len(categories)} categories are given")
+
+
 def _check_entry(name: str, raw: Any) -> ModelSpec:
     where = f"model {name!r}"
     if not isinstance(raw, dict):
@@ -112,9 +142,17 @@ def _check_entry(name: str, raw: Any) -> ModelSpec:
         raise ConfigError(f"{where}: device must be auto, cpu, cuda or cuda:N")
     if "half" in raw and not isinstance(raw["half"], bool):
         raise ConfigError(f"{where}: half must be true or false")
-    if "options" in raw and not isinstance(raw["options"], dict):
-        raise ConfigError(f"{where}: options must be a table")
+    _check_options(where, kind, raw["task"], raw.get("options", {}))
+    if "weights" in raw and kind not in ("torchvision", "efficientnet-lite", "python"):
+        raise ConfigError(f"{where}: weights apply to torchvision and efficientnet-lite sources; "
+                          f"a {kind} source carries its own")
+    if kind == "efficientnet-lite" and not raw.get("weights"):
+        raise ConfigError(f"{where}: efficientnet-lite needs weights (a .pth file or pkg:<module>)")
     labels = raw.get("labels")
+    zero_shot_text = raw["task"] == "text-classification" and kind == "sentence-transformers"
+    if labels is not None and not (zero_shot_text or raw["task"] == "zero-shot-image" or kind == "python"):
+        raise ConfigError(f"{where}: labels apply to zero-shot models only (zero-shot-image, or "
+                          f"text-classification over sentence-transformers), not to {raw['task']} from {kind}")
     if labels is not None and raw["task"] == "zero-shot-image":
         if not isinstance(labels, list) or not labels or not all(isinstance(v, str) and v for v in labels):
             raise ConfigError(f"{where}: labels (default candidate labels) must be a list of strings")

@@ -34,6 +34,20 @@ def check_location(spec, location: str) -> None:
         raise ConfigError(f"model {spec.name!r}: {location!r} does not exist")
 
 
+def hf_config(spec, location: str):
+    """The model's transformers config, read at worker start (a local file, or the hub's copy)."""
+    path = resolve_location(location)
+    _offline_if_local(path)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise ConfigError(
+            f"model {spec.name!r}: cannot read the model config at {location!r}: {str(exc).splitlines()[0][:200]}. "
+            f"A hub id needs a network or a pre-fetched cache (make prefetch); a directory needs config.json") from None
+
+
 def _offline_if_local(path: str) -> None:
     # A local directory needs no hub; saying so up front avoids network time-outs.
     if Path(path).is_dir():
@@ -60,6 +74,10 @@ class SentenceEmbeddingRunner(Runner):
     @classmethod
     def check_spec(cls, spec) -> None:
         check_location(spec, spec.source_location)
+        path = Path(resolve_location(spec.source_location)).expanduser()
+        if path.is_dir() and not ((path / "modules.json").exists() or (path / "config.json").exists()):
+            raise ConfigError(f"model {spec.name!r}: {str(path)!r} is not a sentence-transformers or "
+                              f"transformers model directory (no modules.json or config.json)")
 
     def load(self) -> None:
         path = resolve_location(self.spec.source_location)
@@ -125,6 +143,12 @@ class HFTextClassifierRunner(Runner):
     @classmethod
     def check_spec(cls, spec) -> None:
         check_location(spec, spec.source_location)
+        config = hf_config(spec, spec.source_location)
+        architectures = getattr(config, "architectures", None) or []
+        if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise ConfigError(
+                f"model {spec.name!r}: {spec.source_location!r} is a {', '.join(architectures)}, not a sequence "
+                f"classifier; for embeddings use task = \"embedding\" with a sentence-transformers source")
 
     def load(self) -> None:
         path = resolve_location(self.spec.source_location)

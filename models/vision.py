@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import settings
-from models.base import Runner
+from models.base import Runner, check_state_dict
 from models.exceptions import ConfigError, InvalidInput
 from models.images import b64_to_bytes, decode_image
 
@@ -63,20 +63,40 @@ class EfficientNetLiteRunner(ImageClassifierRunner):
 
     preload_modules = ("torch", "torchvision", "efficientnet_lite_pytorch")
 
+    @staticmethod
+    def weights_file(spec) -> str:
+        weights = spec.weights or ""
+        if weights.startswith("pkg:"):
+            try:
+                module = importlib.import_module(weights[4:])
+            except ImportError as exc:
+                raise ConfigError(f"model {spec.name!r}: package {weights[4:]!r} is not installed: {exc}") from None
+            holders = [v for k, v in vars(module).items() if k.endswith("ModelFile")]
+            if not holders:
+                raise ConfigError(f"model {spec.name!r}: package {weights[4:]!r} has no *ModelFile class")
+            weights = holders[0].get_model_file_path()
+        if not weights or not Path(weights).is_file():
+            raise ConfigError(f"model {spec.name!r}: efficientnet-lite weights {weights!r} is not a file")
+        return weights
+
+    @classmethod
+    def check_spec(cls, spec) -> None:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        arch = spec.source_location
+        try:
+            EfficientNet._check_model_name_is_valid(arch)
+        except ValueError:
+            raise ConfigError(f"model {spec.name!r}: efficientnet-lite has no architecture {arch!r} "
+                              f"(efficientnet-lite0 ... efficientnet-lite4)") from None
+        check_state_dict(spec, cls.weights_file(spec), lambda: EfficientNet.from_name(arch))
+
     def load(self) -> None:
         import torchvision.transforms as T
         from efficientnet_lite_pytorch import EfficientNet
 
         arch = self.spec.source_location
-        weights = self.spec.weights
-        if weights and weights.startswith("pkg:"):
-            module = importlib.import_module(weights[4:])
-            holders = [v for k, v in vars(module).items() if k.endswith("ModelFile")]
-            if not holders:
-                raise ConfigError(f"package {weights[4:]!r} has no *ModelFile class")
-            weights = holders[0].get_model_file_path()
-        if not weights:
-            raise ConfigError(f"model {self.spec.name!r}: efficientnet-lite needs weights (a file or pkg:...)")
+        weights = self.weights_file(self.spec)
         self.model = self.place(EfficientNet.from_pretrained(arch, weights_path=weights))
         size = EfficientNet.get_image_size(arch)
         # EfficientNet-Lite was trained on (x - 127) / 128.
@@ -96,6 +116,11 @@ def _weights_enum(spec):
     return tvm.get_model_weights(arch)
 
 
+def _num_classes(spec, enum) -> int:
+    categories = spec.options.get("categories")
+    return len(categories) if categories else spec.options.get("num_classes", len(enum.DEFAULT.meta["categories"]))
+
+
 class TorchvisionClassifierRunner(ImageClassifierRunner):
     """Any torchvision classifier by name.
 
@@ -110,12 +135,19 @@ class TorchvisionClassifierRunner(ImageClassifierRunner):
 
     @classmethod
     def check_spec(cls, spec) -> None:
+        from torchvision import models as tvm
+
         enum = _weights_enum(spec)
         weights = spec.weights or "DEFAULT"
-        if weights != "DEFAULT" and weights not in enum.__members__ and not Path(weights).is_file():
+        if weights == "DEFAULT" or weights in enum.__members__:
+            return
+        if not Path(weights).is_file():
             raise ConfigError(
                 f"model {spec.name!r}: weights {weights!r} is neither one of {sorted(enum.__members__)} "
                 f"nor an existing state-dict file")
+        num_classes = _num_classes(spec, enum)
+        check_state_dict(spec, weights, lambda: tvm.get_model(spec.source_location, weights=None,
+                                                              num_classes=num_classes))
 
     def load(self) -> None:
         import torch
@@ -138,8 +170,7 @@ class TorchvisionClassifierRunner(ImageClassifierRunner):
             meta_weights = enum.DEFAULT
             state = torch.load(weights, map_location="cpu", weights_only=True)
             categories = self.spec.options.get("categories")
-            num_classes = len(categories) if categories else self.spec.options.get(
-                "num_classes", len(meta_weights.meta["categories"]))
+            num_classes = _num_classes(self.spec, enum)
             model = tvm.get_model(arch, weights=None, num_classes=num_classes)
             try:
                 model.load_state_dict(state)

@@ -18,6 +18,7 @@ from typing import Any
 
 import settings
 from celeryconfig import PRIORITIES
+from models.exceptions import ConfigError
 from tasks.store import EXPIRED
 
 PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
@@ -135,9 +136,13 @@ def _run(jobs: list[Job]) -> list[Outcome]:
         return []
     try:
         runner = state.runner()
-    except Exception as exc:  # a model that will not load: retry, then fail
+    except ConfigError as exc:  # the entry is wrong: every job fails now, with the entry's name
+        log.error("model cannot be loaded: %s", exc)
+        return [Outcome(job.id, "failed", error=error_dict(exc)) for job in jobs]
+    except Exception as exc:  # may pass (a hub that is down): retry with backoff, then fail
         log.exception("model failed to load")
-        return [Outcome(job.id, "retry", error=error_dict(exc)) for job in jobs]
+        error = {"type": type(exc).__name__, "message": f"model {state.spec.name!r} failed to load: {exc}"}
+        return [Outcome(job.id, "retry", error=error) for job in jobs]
     return execute(runner, jobs, state.spec.max_batch_size)
 
 

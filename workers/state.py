@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 spec: ModelSpec | None = None
 _runner = None
+_load_error: Exception | None = None
 _store = None
 _lock = threading.Lock()
 
@@ -59,7 +60,9 @@ def _make_store():
 
 def runner():
     """The loaded runner for the bound model, loaded once per process."""
-    global _runner
+    global _runner, _load_error
+    if _load_error is not None:
+        raise _load_error  # a configuration error does not heal by reloading
     if _runner is None:
         with _lock:
             if _runner is None:
@@ -72,8 +75,14 @@ def runner():
 
                 served = len(load_registry().names())
                 threads = set_threads(threads_for(spec, served))
+                from models.exceptions import ConfigError
+
                 candidate = build_runner(spec)
-                seconds = candidate.timed_load()
+                try:
+                    seconds = candidate.timed_load()
+                except ConfigError as exc:
+                    _load_error = exc
+                    raise
                 log.info("model %s ready: %.2fs load, %d torch threads, device %s",
                          spec.name, seconds, threads, candidate.device)
                 _runner = candidate

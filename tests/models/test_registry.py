@@ -43,6 +43,17 @@ def test_unknown_name_in_models_selection_fails_at_start():
     ('task = "embedding"\nsource = "hf:x"\ndevice = "tpu"', "device must be"),
     ('task = "embedding"\nsource = "hf:x"\nbatch = 3', "unknown keys \\['batch'\\]"),
     ('task = "text-classification"\nsource = "sentence-transformers:x"', "needs labels"),
+    ('task = "image-classification"\nsource = "torchvision:resnet18"\n[models.bad.options]\ncategorie = ["a"]',
+     "unknown options \\['categorie'\\]"),
+    ('task = "image-classification"\nsource = "torchvision:resnet18"\n[models.bad.options]\ncategories = "ok"',
+     "must be a list of class names"),
+    ('task = "image-classification"\nsource = "torchvision:resnet18"\n[models.bad.options]\n'
+     'categories = ["a", "b"]\nnum_classes = 5', "num_classes = 5 but 2 categories"),
+    ('task = "text-classification"\nsource = "hf:x"\nweights = "/nope.pth"', "weights apply to torchvision"),
+    ('task = "image-classification"\nsource = "torchvision:resnet18"\nlabels = ["x", "y"]',
+     "labels apply to zero-shot models only"),
+    ('task = "image-classification"\nsource = "efficientnet-lite:efficientnet-lite0"', "needs weights"),
+    ('task = "embedding"\nsource = "hf:x"\noptions = 3', "options must be a table"),
 ])
 def test_bad_entries_fail_with_a_clear_message(tmp_path, entry, message):
     path = write(tmp_path, f"[models.bad]\n{entry}\n")

