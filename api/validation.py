@@ -52,12 +52,38 @@ class Submission:
     timeout_s: float | None
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
+_BRANCHES = ("str", "ImageInput")
+
+
+def _at(data: Any, path: list) -> Any:
+    for step in path:
+        try:
+            data = data[step]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _describe(exc: ValidationError, data: Any) -> str:
+    """pydantic's errors, with union noise removed: for an input that is an object only the
+    image branch's complaints are shown, for a string only the text branch's."""
+    parts: list[str] = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        message = err["msg"]
+        branch = next((i for i, step in enumerate(loc) if step in _BRANCHES), None)
+        if branch is not None:
+            prefix, value = loc[:branch], _at(data, loc[:branch])
+            if isinstance(value, dict) and loc[branch] != "ImageInput" or isinstance(value, str) and loc[branch] != "str":
+                continue
+            if not isinstance(value, (dict, str)):
+                loc, message = prefix, 'must be a text string or an object {"image_b64": "...", "labels"?: [...]}'
+            else:
+                loc = prefix + loc[branch + 1:]
+        line = f"{'.'.join(str(p) for p in loc) or 'body'}: {message}"
+        if line not in parts:
+            parts.append(line)
+    return "; ".join(parts[:5])
 
 
 def parse_submission(request: Request) -> Submission:
@@ -71,7 +97,7 @@ def parse_submission(request: Request) -> Submission:
     try:
         body = SubmitBody.model_validate(data)
     except ValidationError as exc:
-        raise BadRequest(_describe(exc)) from None
+        raise BadRequest(_describe(exc, data)) from None
     if (body.input is None) == (body.inputs is None):
         raise BadRequest("give exactly one of 'input' or 'inputs'")
     raw = [body.input] if body.inputs is None else body.inputs
@@ -161,6 +187,8 @@ def _check_labels(spec: ModelSpec, item: dict, where: str) -> None:
         return
     if labels is None and not spec.labels:
         raise BadRequest(f'{where}: model {spec.name!r} needs labels: {{"image_b64": "...", "labels": ["a cat", "a dog"]}}')
+    if labels is not None and len(set(labels)) != len(labels):
+        raise BadRequest(f"{where}: labels must be distinct")
     for label in labels or []:
         if not label.strip():
             raise BadRequest(f"{where}: labels must be non-empty strings")

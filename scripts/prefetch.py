@@ -38,6 +38,10 @@ def main() -> int:
     from huggingface_hub import constants
 
     print(f"\ntorch cache: {torch.hub.get_dir()}\nHugging Face cache: {constants.HF_HUB_CACHE}")
+    local = [f"{spec.name}: {path}" for spec in registry
+             for path in (spec.weights, spec.source_location) if path and path.startswith(("/", "./", "~"))]
+    if local:
+        print("local files (not in the caches; copy them to the same paths):\n  " + "\n  ".join(local))
     return 1 if failed else 0
 
 

@@ -75,5 +75,7 @@ def test_labels_are_checked_at_the_door(zoo):
     assert empty.status_code == 400
     blank = zoo.post("/jobs", json={"model": "tiny-clip", "input": {"image_b64": image, "labels": [" "]}})
     assert blank.status_code == 400
+    twice = zoo.post("/jobs", json={"model": "tiny-clip", "input": {"image_b64": image, "labels": ["a", "a"]}})
+    assert twice.status_code == 400 and "distinct" in twice.json()["error"]["message"]
     models = {m["name"]: m for m in zoo.get("/models").json()["models"]}
     assert models["tiny-clip"]["task"] == "zero-shot-image" and models["tiny-clip"]["labels"]
