@@ -10,6 +10,7 @@ from PIL import Image
 from models import build_runner
 from models.exceptions import InvalidInput
 from models.registry import Registry
+from tests.fixtures.compare import close
 from tests.procs import ROOT
 
 REGISTRY = Registry.from_file(ROOT / "models.toml")
@@ -77,16 +78,6 @@ def test_image_runner_refuses_non_images(runners):
         runners["minilm"].preprocess({"image_b64": "x"})
 
 
-def _close(a, b, tol=1e-4):
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
-    if isinstance(a, float):
-        return abs(a - b) <= tol
-    return a == b
-
-
 TEXTS = ["hi", "I love this, it works great", "terrible, I want a refund",
          "a much longer text that goes on and on about many things " * 8, "ok"]
 
@@ -100,4 +91,4 @@ def test_batching_does_not_change_answers(runners, name):
         items = [photo("chelsea"), photo("coffee", "PNG", (300, 200)), photo("astronaut", "JPEG", (120, 160))]
     one_by_one = [runner([item])[0] for item in items]
     batched = runner(items)
-    assert _close(batched, one_by_one), name
+    assert close(batched, one_by_one), name

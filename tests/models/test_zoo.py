@@ -14,6 +14,7 @@ from models import build_runner
 from models.exceptions import ConfigError, InvalidInput
 from models.registry import Registry
 from tests.fixtures import zoo
+from tests.fixtures.compare import close
 from tests.procs import ROOT
 
 
@@ -35,16 +36,6 @@ IMAGES = [image((224, 224)), image((640, 300), fmt="JPEG"), image((90, 120), mod
 TEXTS = ["ok", "I love this, it works great",
          "a much longer review that keeps going about the battery, the screen, the case and the shipping " * 3,
          "terrible", "fine, I guess?"]
-
-
-def close(a, b, tol=1e-4):
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(close(a[k], b[k], tol) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(close(x, y, tol) for x, y in zip(a, b))
-    if isinstance(a, float):
-        return abs(a - b) <= tol
-    return a == b
 
 
 def assert_batch_invariant(runner, items):
