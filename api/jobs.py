@@ -79,7 +79,6 @@ def submit():
     except Exception:
         _undo(store, job_id, spec.name, sub.priority, idem_key, created)
         raise
-    store.count_submitted(spec.name, sub.priority)
     return _accepted({"id": job_id, "status": "queued", "model": spec.name, "priority": sub.priority})
 
 

@@ -40,11 +40,13 @@ _dispatcher = None
 
 
 def _events(hostname: str):
-    """This process's event dispatcher (Flower reads per-job events from it)."""
+    """This process's event dispatcher (Flower reads per-job events from it). Task events are
+    buffered and sent as one ``task.multi`` message per flush: two publishes a batch, not two a job."""
     global _dispatcher
     if _dispatcher is None:
         _dispatcher = app.events.Dispatcher(app.connection_for_write(), hostname=hostname,
-                                            enabled=app.conf.worker_send_task_events)
+                                            enabled=app.conf.worker_send_task_events,
+                                            buffer_group=["task"], buffer_limit=100_000)
     return _dispatcher
 
 
@@ -52,7 +54,14 @@ def _send(hostname: str, kind: str, **fields: Any) -> None:
     try:
         _events(hostname).send(kind, **fields)
     except Exception as exc:  # events are best effort; results are not
-        log.debug("event %s not sent: %s", kind, exc)
+        log.debug("event %s not buffered: %s", kind, exc)
+
+
+def _flush_events(hostname: str) -> None:
+    try:
+        _events(hostname).flush(errors=False, groups=True)
+    except Exception as exc:
+        log.debug("events not sent: %s", exc)
 
 
 @app.task(base=ModelBatches, name=TASK_NAME, bind=True)
@@ -84,6 +93,8 @@ def infer(self, requests) -> list[str]:
             jobs.append(Job(request.id, list(kwargs.get("inputs") or []), bool(kwargs.get("single", True))))
             _send(hostname, "task-started", uuid=request.id)
 
+    if jobs:
+        _flush_events(hostname)  # task-started for the whole batch, in one message
     _inject_faults(len(jobs))
     outcomes = _run(jobs)
     by_id = {r.id: r for r in requests}
@@ -115,6 +126,8 @@ def infer(self, requests) -> list[str]:
                   traceback="")
         elif item["status"] == "retrying":
             _send(hostname, "task-retried", uuid=item["id"], exception=str(item.get("error")), traceback="")
+    if finished:
+        _flush_events(hostname)
     log.info("batch of %d (%d run) in %.1f ms", len(requests), len(jobs), runtime * 1000)
     return acked + [item["id"] for item in finished]
 

@@ -142,6 +142,7 @@ class JobStore:
         })
         pipe.expire(self.key(job_id), self.ttl_s)
         pipe.hincrby(f"waiting:{model}", priority, 1)
+        pipe.hincrby("stats:submitted", f"{model}|{priority}", 1)
         pipe.execute()
 
     def forget(self, job_id: str, model: str, priority: str) -> None:
@@ -149,6 +150,7 @@ class JobStore:
         pipe = self.r.pipeline()
         pipe.delete(self.key(job_id))
         pipe.hincrby(f"waiting:{model}", priority, -1)
+        pipe.hincrby("stats:submitted", f"{model}|{priority}", -1)
         pipe.execute()
 
     def reserve_idempotency_key(self, owner: str, key: str, job_id: str) -> str | None:
@@ -221,9 +223,6 @@ class JobStore:
         self.finish([{"id": job_id, "status": "cancelled", "model": model, "priority": priority,
                       "error": CANCELLED, "recorded": True}])
         return True, "cancelled"
-
-    def count_submitted(self, model: str, priority: str) -> None:
-        self.r.hincrby("stats:submitted", f"{model}|{priority}", 1)
 
     def counters(self) -> tuple[dict[str, str], dict[str, str]]:
         """Cluster-wide (submitted, finished) counters, keyed ``model|priority[|status]``."""
