@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from api.errors import BadRequest, TooLarge, UnsupportedMedia
 from models.exceptions import InvalidInput
 from models.images import b64_to_bytes, check_image
+from models.text import check_text
 from models.registry import ModelSpec
 
 #: Most candidate labels per image, and longest label, for zero-shot-image models.
@@ -159,12 +160,10 @@ def check_items(spec: ModelSpec, items: list[Any], *, max_inputs: int, max_text_
         if spec.input_kind == "text":
             if not isinstance(item, str):
                 raise BadRequest(f"{where}: model {spec.name!r} takes text, got an object")
-            if not item.strip():
-                raise BadRequest(f"{where}: text is empty")
             try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise BadRequest(f"{where}: text is not valid Unicode (a lone surrogate?)") from None
+                check_text(item)  # the same check the worker's runner makes
+            except InvalidInput as exc:
+                raise BadRequest(f"{where}: {exc}") from None
             if len(item) > max_text_chars:
                 raise TooLarge(f"{where}: text is {len(item)} characters; the limit is {max_text_chars}")
         else:

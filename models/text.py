@@ -58,7 +58,7 @@ def check_text(item: Any) -> str:
     if not isinstance(item, str):
         raise InvalidInput(f"text input must be a string, got {type(item).__name__}")
     if not item.strip():
-        raise InvalidInput("text input is empty")
+        raise InvalidInput("text is empty")
     try:
         item.encode("utf-8")
     except UnicodeEncodeError:

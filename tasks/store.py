@@ -316,8 +316,22 @@ class JobStore:
         counts = self.r.hmget(f"waiting:{model}", list(priorities))
         return {name: max(0, int(n or 0)) for name, n in zip(priorities, counts)}
 
-    def heartbeat(self, model: str, worker: str, ttl_s: int, info: dict[str, Any]) -> None:
-        self.r.set(f"workers:{model}:{worker}", json.dumps(info), ex=ttl_s)
+    # Heartbeats: one small hash per model, node -> the time its heartbeat runs out. Reading it is
+    # one HGETALL, whatever else the keyspace holds (a SCAN would walk every job record).
+    def heartbeat(self, model: str, worker: str, ttl_s: int, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        key = f"workers:{model}"
+        stale = [node for node, until in self.r.hgetall(key).items() if float(until) < now]
+        pipe = self.r.pipeline()
+        pipe.hset(key, worker, repr(now + ttl_s))
+        if stale:
+            pipe.hdel(key, *stale)
+        pipe.expire(key, ttl_s * 10)
+        pipe.execute()
 
-    def live_workers(self, model: str) -> list[str]:
-        return sorted(k.split(":", 2)[2] for k in self.r.scan_iter(f"workers:{model}:*", count=100))
+    def leave(self, model: str, worker: str) -> None:
+        self.r.hdel(f"workers:{model}", worker)
+
+    def live_workers(self, model: str, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        return sorted(node for node, until in self.r.hgetall(f"workers:{model}").items() if float(until) >= now)

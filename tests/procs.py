@@ -117,8 +117,8 @@ def worker_ready(redis_url: str, model: str, proc: Proc, timeout_s: float = 120)
     def check():
         if not proc.alive():
             raise RuntimeError(f"worker for {model} exited:\n{proc.log()}")
-        keys = [k.decode() for k in client.scan_iter(f"workers:{model}:*")]
-        return [k for k in keys if proc.name in k]
+        nodes = [k.decode() for k in client.hkeys(f"workers:{model}")]
+        return [n for n in nodes if proc.name in n]
 
     wait_until(check, timeout_s, f"worker for {model}", interval=0.2)
 

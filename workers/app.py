@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 from celery import Celery, bootsteps
 from click import Option
@@ -51,7 +50,7 @@ class ModelBinding(bootsteps.Step):
 
 
 class Heartbeat(bootsteps.StartStopStep):
-    """Writes ``workers:<model>:<node>`` every few seconds so the API can count live workers."""
+    """Refreshes this node in ``workers:<model>`` every few seconds so the API can count live workers."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
     interval_s = 5.0
@@ -72,8 +71,7 @@ class Heartbeat(bootsteps.StartStopStep):
         from workers import state
 
         try:
-            state.store().heartbeat(state.spec.name, consumer.hostname, int(self.interval_s * 3),
-                                    {"pid": os.getpid()})
+            state.store().heartbeat(state.spec.name, consumer.hostname, int(self.interval_s * 3))
         except Exception as exc:  # Redis down: the next beat tries again
             consumer.app.log.get_default_logger().warning("heartbeat failed: %s", exc)
 
@@ -85,7 +83,7 @@ class Heartbeat(bootsteps.StartStopStep):
             self.tref = None
         if state.spec is not None:
             try:
-                state.store().r.delete(f"workers:{state.spec.name}:{consumer.hostname}")
+                state.store().leave(state.spec.name, consumer.hostname)
             except Exception:
                 pass
 

@@ -126,3 +126,14 @@ def test_wait_returns_when_the_job_finishes(store):
     job = store.wait(job_id, 10)
     assert job["status"] == "succeeded" and time.monotonic() - start < 3
     assert store.wait(new_job(store), 0.3)["status"] == "queued"
+
+
+def test_live_workers_come_from_heartbeats_that_have_not_run_out(store):
+    store.heartbeat("m", "w1", ttl_s=15, now=1000.0)
+    store.heartbeat("m", "w2", ttl_s=15, now=1010.0)
+    assert store.live_workers("m", now=1012.0) == ["w1", "w2"]
+    assert store.live_workers("m", now=1020.0) == ["w2"]         # w1 ran out at 1015
+    store.heartbeat("m", "w2", ttl_s=15, now=1020.0)              # and is pruned by the next beat
+    assert store.r.hkeys("workers:m") == ["w2"]
+    store.leave("m", "w2")
+    assert store.live_workers("m", now=1020.0) == []
