@@ -7,7 +7,7 @@
     ├── Conflict (409)            conflict
     ├── TooLarge (413)            too_large
     ├── UnsupportedMedia (415)    unsupported_media_type
-    ├── TooManyRequests (429)     queue_full (with Retry-After)
+    ├── TooManyRequests (429)     queue_full / deadline_unmeetable (with Retry-After)
     └── Unavailable (503)         broker_unavailable
 """
 

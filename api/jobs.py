@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 
@@ -69,6 +70,8 @@ def submit():
         if depth >= cfg["MAX_QUEUED"]:
             raise TooManyRequests(f"model {spec.name!r} has {depth} jobs queued (limit {cfg['MAX_QUEUED']})",
                                   headers={"Retry-After": "5"})
+        if sub.timeout_s:
+            _refuse_if_too_late(store, spec.name, sub.priority, sub.timeout_s)
         now = time.time()
         store.create(job_id, model=spec.name, priority=sub.priority, owner=g.owner, n_inputs=len(sub.items),
                      single=sub.single, deadline=now + sub.timeout_s if sub.timeout_s else None, now=now)
@@ -80,6 +83,21 @@ def submit():
         _undo(store, job_id, spec.name, sub.priority, idem_key, created)
         raise
     return _accepted({"id": job_id, "status": "queued", "model": spec.name, "priority": sub.priority})
+
+
+def _refuse_if_too_late(store, model: str, priority: str, timeout_s: float) -> None:
+    """429 now rather than a job queued only to expire: the jobs that start before this one
+    (same or higher priority), at the live workers' recent speed, take longer than its deadline."""
+    rank = PRIORITIES[priority]
+    estimate = store.start_estimate(model, [name for name, value in PRIORITIES.items() if value <= rank])
+    if estimate is None:
+        return  # no live worker has a recent speed: no basis to refuse
+    wait_s, ahead = estimate
+    if wait_s > timeout_s:
+        raise TooManyRequests(
+            f"model {model!r} cannot start this job within timeout_s={timeout_s:g}: {ahead} jobs are ahead "
+            f"of it, about {wait_s:.1f}s of work for the live workers", type="deadline_unmeetable",
+            headers={"Retry-After": str(max(1, math.ceil(wait_s - timeout_s)))})
 
 
 def _undo(store, job_id: str, model: str, priority: str, idem_key: str | None, created: bool) -> None:

@@ -20,12 +20,12 @@ import settings
 from celeryconfig import PRIORITIES
 from models.exceptions import ConfigError
 from tasks.store import EXPIRED
-
-PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
 from workers import state
 from workers.app import app
 from workers.batching import Job, Outcome, error_dict, execute
 from workers.consumer import ModelBatches
+
+PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
 
 log = logging.getLogger(__name__)
 TASK_NAME = "tasks.infer"
@@ -128,8 +128,25 @@ def infer(self, requests) -> list[str]:
             _send(hostname, "task-retried", uuid=item["id"], exception=str(item.get("error")), traceback="")
     if finished:
         _flush_events(hostname)
+    if jobs:
+        _record_speed(store, spec.name, hostname, (time.time() - started) / len(jobs))
     log.info("batch of %d (%d run) in %.1f ms", len(requests), len(jobs), runtime * 1000)
     return acked + [item["id"] for item in finished]
+
+
+_job_s: float | None = None  # this process's smoothed seconds per job
+SPEED_TTL_S = 3600
+
+
+def _record_speed(store, model: str, hostname: str, job_s: float) -> None:
+    """Publish this worker's recent seconds per job (an exponential moving average over batches):
+    the API refuses a job whose deadline the queue ahead of it already rules out."""
+    global _job_s
+    _job_s = job_s if _job_s is None else 0.7 * _job_s + 0.3 * job_s
+    try:
+        store.record_speed(model, hostname, _job_s, app.conf.worker_concurrency or 1, SPEED_TTL_S)
+    except Exception as exc:  # an estimate, not a result: never fails the batch
+        log.debug("speed not recorded: %s", exc)
 
 
 def _inject_faults(n_jobs: int) -> None:

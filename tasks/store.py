@@ -335,3 +335,36 @@ class JobStore:
     def live_workers(self, model: str, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
         return sorted(node for node, until in self.r.hgetall(f"workers:{model}").items() if float(until) >= now)
+
+    # Speed: each worker's recent seconds per job (smoothed over its batches), for the API's
+    # "this deadline cannot be met" check. One small hash per model, node -> JSON.
+    def record_speed(self, model: str, worker: str, job_s: float, procs: int, ttl_s: int,
+                     now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self.r.hset(f"speed:{model}", worker,
+                    json.dumps({"job_s": job_s, "procs": procs, "until": now + ttl_s}))
+
+    def start_estimate(self, model: str, ahead_priorities, now: float | None = None) -> tuple[float, int] | None:
+        """(seconds until a new job behind ``ahead_priorities`` could start, jobs ahead of it),
+        from the jobs waiting ahead and the live workers' recent speed; None when no live
+        worker has a recent speed to go by (no estimate, so no refusal)."""
+        now = time.time() if now is None else now
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(f"workers:{model}")
+        pipe.hgetall(f"speed:{model}")
+        pipe.hmget(f"waiting:{model}", list(ahead_priorities))
+        beats, speeds, waiting = pipe.execute()
+        rate = 0.0  # jobs per second, all live workers together
+        for node, raw in speeds.items():
+            if float(beats.get(node) or 0) < now:
+                continue
+            try:
+                speed = json.loads(raw)
+                if speed["until"] >= now and speed["job_s"] > 0:
+                    rate += max(1, int(speed.get("procs") or 1)) / speed["job_s"]
+            except (ValueError, KeyError, TypeError):
+                continue
+        if rate <= 0:
+            return None
+        ahead = sum(max(0, int(n or 0)) for n in waiting)
+        return ahead / rate, ahead

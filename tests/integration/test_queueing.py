@@ -98,3 +98,25 @@ def test_batches_are_capped_by_inputs_not_jobs(client):
     assert all(j["status"] == "succeeded" and len(j["result"]) == 10 for j in jobs), jobs
     assert [j["batch_size"] for j in jobs] == [1, 1, 1, 1]
     assert all(item["batch"] <= 16 for j in jobs for item in j["result"])
+
+
+def test_a_deadline_the_queue_already_rules_out_is_refused_at_once(client, stack_env, stack_dir, redis_url):
+    """timeout_s shorter than the work queued ahead (at the live workers' recent speed) is a 429,
+    not a job that waits only to expire; a job that jumps the queue by priority still gets in."""
+    worker = start_worker("slow", stack_env, stack_dir)  # 3 s a batch of up to 4
+    try:
+        worker_ready(redis_url, "slow", worker)
+        client.run("slow", "learn the speed")
+        backlog = [client.submit("slow", f"backlog {i}")["id"] for i in range(12)]
+        response = client.post("/jobs", json={"model": "slow", "input": "now please", "timeout_s": 2})
+        assert response.status_code == 429, response.text
+        assert response.json()["error"]["type"] == "deadline_unmeetable"
+        assert int(response.headers["Retry-After"]) >= 1
+        urgent = client.submit("slow", "urgent", priority="high", timeout_s=8)["id"]  # nothing high ahead
+        patient = client.submit("slow", "patient", timeout_s=600)["id"]
+        for job_id in backlog:
+            client.delete(f"/jobs/{job_id}")  # the rest need not run
+        assert client.wait(urgent)["status"] == "succeeded"
+        assert client.wait(patient)["status"] == "succeeded"
+    finally:
+        worker.stop()

@@ -137,3 +137,21 @@ def test_live_workers_come_from_heartbeats_that_have_not_run_out(store):
     assert store.r.hkeys("workers:m") == ["w2"]
     store.leave("m", "w2")
     assert store.live_workers("m", now=1020.0) == []
+
+
+def test_start_estimate_from_jobs_ahead_and_live_workers_speed(store):
+    now = time.time()
+    assert store.start_estimate("m", ["high"], now=now) is None  # no worker: no basis to refuse
+    for _ in range(6):
+        new_job(store)  # six high jobs waiting
+    store.heartbeat("m", "w1", 15, now=now)
+    assert store.start_estimate("m", ["high"], now=now) is None  # live, but has not run a batch yet
+    store.record_speed("m", "w1", job_s=0.5, procs=1, ttl_s=60, now=now)
+    assert store.start_estimate("m", ["high"], now=now) == (3.0, 6)
+    store.heartbeat("m", "w2", 15, now=now)
+    store.record_speed("m", "w2", job_s=0.25, procs=2, ttl_s=60, now=now)  # 8 jobs/s
+    wait_s, ahead = store.start_estimate("m", ["high"], now=now)
+    assert ahead == 6 and wait_s == pytest.approx(6 / (2 + 8))
+    assert store.start_estimate("m", ["normal"], now=now)[1] == 0  # other priorities are not ahead
+    # a worker whose heartbeat ran out no longer counts, whatever speed it reported
+    assert store.start_estimate("m", ["high"], now=now + 20) is None
