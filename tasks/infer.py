@@ -66,58 +66,91 @@ def _flush_events(hostname: str) -> None:
 
 @app.task(base=ModelBatches, name=TASK_NAME, bind=True)
 def infer(self, requests) -> list[str]:
-    """Run a batch; return the ids of the requests that are finished (to be acked)."""
+    """Run a batch; return the ids of the requests that are finished (to be acked).
+
+    Jobs whose earlier delivery died with its process (``suspect``/``culprit`` from the claim)
+    run after the rest, one at a time, each stored before the next starts: a job that crashes
+    its process takes no batch-mate down with it again, and the known culprits go last.
+    """
     spec = state.spec
     store = state.store()
     hostname = requests[0].hostname if requests else "worker"
     started = time.time()
     verdicts = store.claim([r.id for r in requests], hostname, len(requests), settings.MAX_DELIVERIES,
                            now=started)
-    jobs, attempts, finished, acked = [], {}, [], []
+    fresh, suspects, culprits, attempts, settled, acked = [], [], [], {}, [], []
     for request, (verdict, detail) in zip(requests, verdicts):
         kwargs = request.kwargs or {}
         if verdict == "skip":
             acked.append(request.id)  # already cancelled/expired/finished: drop the duplicate
         elif verdict == "expired":  # the claim already moved the record
-            finished.append({"id": request.id, "status": "expired", "error": EXPIRED, "recorded": True})
+            settled.append({"id": request.id, "status": "expired", "error": EXPIRED, "recorded": True})
         elif verdict == "exhausted":
-            finished.append({"id": request.id, "status": "failed", "recorded": True, "error": {
+            settled.append({"id": request.id, "status": "failed", "recorded": True, "error": {
                 "type": "TooManyDeliveries", "message": f"delivered {detail} times without finishing"}})
         elif spec is None or kwargs.get("model") != spec.name:
-            finished.append({"id": request.id, "status": "failed", "error": {
+            settled.append({"id": request.id, "status": "failed", "error": {
                 "type": "WrongModel",
                 "message": f"job for {kwargs.get('model')!r} reached a worker serving "
                            f"{spec.name if spec else None!r}"}})
         else:
             attempts[request.id] = int(detail or 1)
-            jobs.append(Job(request.id, list(kwargs.get("inputs") or []), bool(kwargs.get("single", True))))
+            job = Job(request.id, list(kwargs.get("inputs") or []), bool(kwargs.get("single", True)))
+            {"suspect": suspects, "culprit": culprits}.get(verdict, fresh).append(job)
             _send(hostname, "task-started", uuid=request.id)
 
-    if jobs:
+    n_run = len(fresh) + len(suspects) + len(culprits)
+    if n_run:
         _flush_events(hostname)  # task-started for the whole batch, in one message
-    _inject_faults(len(jobs))
-    outcomes = _run(jobs)
+    _inject_faults(n_run)
     by_id = {r.id: r for r in requests}
-    retries = []
+    done = list(acked)
+    groups = [fresh] + [[job] for job in suspects + culprits]
+    for i, group in enumerate(groups):
+        if i and group:
+            log.warning("job %s was in a batch whose process died; running it alone (delivery %d)",
+                        group[0].id, attempts[group[0].id])
+            store.mark_alone(group[0].id)
+        group_started = time.time()
+        items = settled + _items(_run(group), attempts)
+        settled = []
+        done += _settle(self, store, hostname, items, by_id, attempts, time.time() - group_started)
+    if n_run:
+        _record_speed(store, spec.name, hostname, (time.time() - started) / n_run)
+    log.info("batch of %d (%d run, %d alone) in %.1f ms", len(requests), n_run,
+             len(suspects) + len(culprits), (time.time() - started) * 1000)
+    return done
+
+
+def _items(outcomes: list[Outcome], attempts: dict[str, int]) -> list[dict[str, Any]]:
+    items = []
     for outcome in outcomes:
         item = {"id": outcome.job_id, "status": outcome.status, "result": outcome.result, "error": outcome.error}
         if outcome.status == "retry":
             item["status"] = "retrying" if attempts[outcome.job_id] <= settings.MAX_RETRIES else "failed"
-        (retries if item["status"] == "retrying" else finished).append(item)
-    for item in finished + retries:
+        items.append(item)
+    return items
+
+
+def _settle(task, store, hostname: str, items: list[dict[str, Any]], by_id, attempts, runtime: float) -> list[str]:
+    """Store what happened to ``items`` (one round trip, two with retries), send their events;
+    returns their ids (safe to ack now). Raises if Redis is gone: then nothing is acked."""
+    if not items:
+        return []
+    for item in items:
         request = by_id[item["id"]]
         item["model"] = (request.kwargs or {}).get("model")
         item["priority"] = PRIORITY_NAMES.get((request.delivery_info or {}).get("priority"), "normal")
+    retries = [item for item in items if item["status"] == "retrying"]
+    final = [item for item in items if item["status"] != "retrying"]
     if retries:
         # Recorded before the new message exists, so no other worker can start it first.
         store.finish(retries)
         for item in retries:
-            _republish(self, by_id[item["id"]], attempts[item["id"]])
-    if finished:
-        store.finish(finished)  # raises if Redis is gone: nothing is acked, every job comes back
-    finished += retries
-    runtime = time.time() - started
-    for item in finished:
+            _republish(task, by_id[item["id"]], attempts[item["id"]])
+    if final:
+        store.finish(final)
+    for item in items:
         if item["status"] == "succeeded":
             _send(hostname, "task-succeeded", uuid=item["id"], runtime=runtime, result="<stored>")
         elif item["status"] in ("failed", "expired"):
@@ -126,12 +159,8 @@ def infer(self, requests) -> list[str]:
                   traceback="")
         elif item["status"] == "retrying":
             _send(hostname, "task-retried", uuid=item["id"], exception=str(item.get("error")), traceback="")
-    if finished:
-        _flush_events(hostname)
-    if jobs:
-        _record_speed(store, spec.name, hostname, (time.time() - started) / len(jobs))
-    log.info("batch of %d (%d run) in %.1f ms", len(requests), len(jobs), runtime * 1000)
-    return acked + [item["id"] for item in finished]
+    _flush_events(hostname)
+    return [item["id"] for item in items]
 
 
 _job_s: float | None = None  # this process's smoothed seconds per job

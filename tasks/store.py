@@ -33,10 +33,13 @@ end
 """
 
 # KEYS[1] job hash. ARGV: now, worker, batch_size, max_deliveries, expired error, exhausted error.
-# -> {"run", attempts} | {"skip", status} | {"expired"} | {"exhausted", attempts} | {"missing"}
+# -> {"run", attempts} | {"suspect", attempts} | {"culprit", attempts} | {"skip", status}
+#    | {"expired"} | {"exhausted", attempts} | {"missing"}
+# "suspect": an earlier delivery started it and never finished (its process died) while it shared a
+# batch; "culprit": ... while it ran alone. Both are run alone from now on.
 _CLAIM = _LEAVE_WAITING + """
-local f = redis.call('HMGET', KEYS[1], 'status', 'deadline', 'model', 'priority')
-local st, deadline, model, priority = f[1], f[2], f[3], f[4]
+local f = redis.call('HMGET', KEYS[1], 'status', 'deadline', 'model', 'priority', 'alone')
+local st, deadline, model, priority, alone = f[1], f[2], f[3], f[4], f[5]
 if not st then return {'missing'} end
 if st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' then
   return {'skip', st}
@@ -54,6 +57,11 @@ if attempts > tonumber(ARGV[4]) then
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2],
            'batch_size', ARGV[3])
+redis.call('HDEL', KEYS[1], 'alone')
+if st == 'running' then
+  if alone == '1' then return {'culprit', attempts} end
+  return {'suspect', attempts}
+end
 return {'run', attempts}
 """
 
@@ -245,6 +253,10 @@ class JobStore:
             self._claim(keys=[self.key(job_id)], client=pipe,
                         args=[now, worker, batch_size, max_deliveries, json.dumps(EXPIRED), exhausted])
         return [(row[0], row[1] if len(row) > 1 else None) for row in pipe.execute()]
+
+    def mark_alone(self, job_id: str) -> None:
+        """About to run this job in a batch of its own: if its process dies now, it was this job."""
+        self.r.hset(self.key(job_id), mapping={"alone": 1, "batch_size": 1})
 
     def finish(self, outcomes: list[dict[str, Any]], now: float | None = None) -> None:
         """Store results and final states for a batch in one round trip.

@@ -42,6 +42,12 @@ max_wait_ms = 5
 [models.slow.options]
 sleep_ms = 3000
 
+[models.fragile]
+task = "text-classification"
+source = "python:tests.fixtures.runners:EchoRunner"
+max_batch_size = 8
+max_wait_ms = 300
+
 [models.idle]
 task = "embedding"
 source = "python:tests.fixtures.runners:EchoRunner"

@@ -187,3 +187,30 @@ def test_sigterm_finishes_the_running_batch_and_returns_the_rest(client, stack_e
         replacement.stop()
     assert all(j["status"] == "succeeded" for j in jobs), jobs
     assert all(j["attempts"] == 1 for j in jobs), [j["attempts"] for j in jobs]
+
+
+def test_a_job_that_crashes_its_process_fails_alone_and_its_batch_mates_succeed(client, stack_env, stack_dir,
+                                                                                redis_url):
+    """Input ``crash`` kills the pool process (os._exit) in the forward pass, taking its batch down.
+    Redelivered, the batch's jobs are suspects and run one at a time, stored one by one; the crasher,
+    once caught alone, goes last. It fails with TooManyDeliveries; every batch-mate succeeds."""
+    worker = start_worker("fragile", {**stack_env, "MAX_DELIVERIES": "4"}, stack_dir)
+    try:
+        worker_ready(redis_url, "fragile", worker)
+        texts = [f"innocent {i}" for i in range(5)] + ["crash"]
+        with ThreadPoolExecutor(6) as pool:
+            ids = list(pool.map(lambda t: client.submit("fragile", t)["id"], texts))
+        jobs = [client.wait(i, timeout=30) for i in ids]
+        jobs = [j if j["status"] not in ("queued", "running") else client.wait(j["id"], timeout=30) for j in jobs]
+        assert worker.alive()
+        log = worker.log(200_000)
+    finally:
+        worker.stop()
+    crasher, innocents = jobs[-1], jobs[:-1]
+    assert crasher["status"] == "failed" and crasher["error"]["type"] == "TooManyDeliveries", crasher
+    assert crasher["attempts"] == 5
+    assert all(j["status"] == "succeeded" for j in innocents), innocents
+    assert [j["result"]["echo"] for j in innocents] == texts[:-1]
+    assert max(j["attempts"] for j in innocents) in (2, 3), [j["attempts"] for j in innocents]
+    assert all(j["batch_size"] == 1 for j in innocents)  # they finished running alone
+    assert "running it alone" in log

@@ -100,7 +100,7 @@ def test_waiting_counts_follow_every_transition(store):
 def test_deliveries_are_capped(store):
     job_id = new_job(store)
     verdicts = [store.claim([job_id], "w", 1, max_deliveries=2)[0] for _ in range(3)]
-    assert verdicts == [("run", 1), ("run", 2), ("exhausted", 3)]
+    assert verdicts == [("run", 1), ("suspect", 2), ("exhausted", 3)]
     job = store.get(job_id)
     assert job["status"] == "failed" and job["error"]["type"] == "TooManyDeliveries"
 
@@ -155,3 +155,18 @@ def test_start_estimate_from_jobs_ahead_and_live_workers_speed(store):
     assert store.start_estimate("m", ["normal"], now=now)[1] == 0  # other priorities are not ahead
     # a worker whose heartbeat ran out no longer counts, whatever speed it reported
     assert store.start_estimate("m", ["high"], now=now + 20) is None
+
+
+def test_a_job_whose_delivery_died_comes_back_as_a_suspect_then_as_the_culprit(store):
+    a, b = new_job(store), new_job(store)
+    assert store.claim([a, b], "w", 2, 5) == [("run", 1), ("run", 1)]
+    # the process died mid-batch: both come back, neither known guilty
+    assert store.claim([a, b], "w", 2, 5) == [("suspect", 2), ("suspect", 2)]
+    store.mark_alone(a)
+    store.mark_alone(b)
+    store.finish([{"id": b, "status": "succeeded", "result": 1, "model": "m", "priority": "high"}])
+    # a's process died while a ran alone: it was a
+    assert store.claim([a], "w", 1, 5) == [("culprit", 3)]
+    assert store.r.hget(store.key(a), "alone") is None  # cleared until it runs alone again
+    store.finish([{"id": a, "status": "retrying", "model": "m", "priority": "high"}])
+    assert store.claim([a], "w", 1, 5) == [("run", 4)]  # a retry after an error is no suspect
