@@ -30,6 +30,11 @@ visibility_timeout_s = int(os.environ.get("VISIBILITY_TIMEOUT_S", "600"))
 PRIORITIES = {"high": 0, "normal": 5, "low": 9}
 broker_transport_options = {
     "visibility_timeout": visibility_timeout_s,
+    # Look for unacked messages past their visibility timeout every 5 s (kombu's default sweep is
+    # every 10th call of a 10 s timer, ~100 s): a dead worker's jobs come back within the
+    # visibility timeout plus about 5 s. Each look is one ZRANGE on the unacked index.
+    "unacked_restore_interval": 5,
+    "unacked_restore_throttle": 1,
     "queue_order_strategy": "priority",
     "priority_steps": sorted(PRIORITIES.values()),
     "socket_connect_timeout": 2,

@@ -82,10 +82,13 @@ class Proc:
         self._log.close()
 
 
-def start_redis(tmp: Path) -> tuple[Proc, str]:
-    port = free_port()
+def start_redis(tmp: Path, port: int | None = None, aof: bool = False) -> tuple[Proc, str]:
+    """redis-server on loopback; ``aof`` persists as ``make up`` does (AOF, fsync every second),
+    and starting again with the same ``tmp`` and ``port`` brings the data back."""
+    port = port or free_port()
+    persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if aof else ["--appendonly", "no"]
     proc = Proc(f"redis-{port}", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                  "--save", "", "--appendonly", "no", "--dir", str(tmp),
+                                  "--save", "", *persistence, "--dir", str(tmp),
                                   "--protected-mode", "yes"], {}, tmp)
     import redis
 

@@ -1,0 +1,113 @@
+"""Redis restarted or killed with jobs queued and running; a worker's main process killed.
+
+Each test runs its own redis-server (AOF, as `make up` configures it) on its own port, its own API
+and worker, so the session stack is never disturbed. Every job answered 202 must still finish.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import requests
+
+from tests.integration.conftest import Client
+from tests.procs import start_api, start_redis, start_worker, wait_until, worker_ready
+
+VISIBILITY_TIMEOUT_S = 8
+
+
+@pytest.fixture
+def own_stack(tmp_path, stack_env):
+    """(redis proc holder, env, api Client, redis data dir); everything stopped at the end."""
+    data = tmp_path / "redis"
+    data.mkdir()
+    procs = {}
+    procs["redis"], url = start_redis(data, aof=True)
+    env = {**stack_env, "REDIS_URL": url, "VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S)}
+    try:
+        procs["api"], base = start_api(env, tmp_path)
+        yield procs, env, Client(base), data
+    finally:
+        for proc in reversed(list(procs.values())):
+            proc.stop()
+
+
+def _stop_redis(procs, sig) -> int:
+    """Stop Redis with ``sig``; its port, to start it again on the same port and data."""
+    port = int(procs["redis"].name.split("-")[1])
+    os.kill(procs["redis"].pid, sig)
+    procs["redis"].popen.wait(timeout=20)
+    return port
+
+
+def _statuses(client, ids):
+    return {i: client.get(f"/jobs/{i}").json()["status"] for i in ids}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["restart", "kill-9"])
+def test_redis_restarted_or_killed_with_jobs_queued_and_running(own_stack, stack_dir, sig):
+    procs, env, client, data = own_stack
+    procs["worker"] = start_worker("slow", env, stack_dir)  # 3 s a batch of up to 4
+    worker_ready(env["REDIS_URL"], "slow", procs["worker"])
+    ids = [client.submit("slow", f"persist {i}")["id"] for i in range(10)]
+    wait_until(lambda: "running" in _statuses(client, ids).values(), 30, "a batch running")
+
+    port = _stop_redis(procs, sig)
+    # down: the API says so at once, and takes nothing
+    start = time.monotonic()
+    response = client.post("/jobs", json={"model": "slow", "input": "while down"})
+    assert response.status_code == 503, response.text
+    assert client.get("/readyz").status_code == 503
+    assert client.get(f"/jobs/{ids[0]}").status_code == 503
+    assert time.monotonic() - start < 15
+    time.sleep(3)  # the running batch ends while Redis is away: its results cannot be stored
+
+    procs["redis"], _ = start_redis(data, port=port, aof=True)
+    wait_until(lambda: client.get("/readyz").status_code == 200, 30, "API ready again")
+    late = client.submit("slow", "after the restart")["id"]
+    end = time.monotonic() + VISIBILITY_TIMEOUT_S + 60
+    jobs = {}
+    while time.monotonic() < end:
+        jobs = {i: client.get(f"/jobs/{i}").json() for i in ids + [late]}
+        if all(j["status"] == "succeeded" for j in jobs.values()):
+            break
+        time.sleep(1)
+    assert procs["worker"].alive()
+    assert all(j["status"] == "succeeded" for j in jobs.values()), \
+        {i: (j["status"], j["attempts"]) for i, j in jobs.items()}
+
+
+def test_a_worker_main_process_killed_mid_batch_loses_nothing(own_stack, stack_dir):
+    """SIGKILL the worker itself (not its pool process), as the OOM killer or a host crash would: its
+    unacked jobs come back after the visibility timeout and a new worker (supervisord's restart, here
+    a fresh one) runs them."""
+    procs, env, client, data = own_stack
+    procs["worker"] = start_worker("slow", env, stack_dir)
+    worker_ready(env["REDIS_URL"], "slow", procs["worker"])
+    ids = [client.submit("slow", f"orphan {i}")["id"] for i in range(8)]
+    wait_until(lambda: "running" in _statuses(client, ids).values(), 30, "a batch running")
+    children = subprocess.run(["pgrep", "-P", str(procs["worker"].pid)], capture_output=True,
+                              text=True).stdout.split()
+    os.kill(procs["worker"].pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    procs["worker"].popen.wait(timeout=10)
+    # the pool process, orphaned, does not run on: it exits with its parent
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), 30, "pool exit")
+
+    procs["replacement"] = start_worker("slow", env, stack_dir)
+    worker_ready(env["REDIS_URL"], "slow", procs["replacement"])
+    jobs = {}
+    while time.monotonic() < killed_at + VISIBILITY_TIMEOUT_S + 60:
+        jobs = {i: client.get(f"/jobs/{i}").json() for i in ids}
+        if all(j["status"] == "succeeded" for j in jobs.values()):
+            break
+        time.sleep(1)
+    assert all(j["status"] == "succeeded" for j in jobs.values()), \
+        {i: (j["status"], j["attempts"]) for i, j in jobs.items()}
+    assert any(j["attempts"] == 2 for j in jobs.values())  # the batch that was running ran again
+    # back within the visibility timeout plus the 5 s restore sweep, a start, and a 3 s batch or two
+    assert time.monotonic() - killed_at < VISIBILITY_TIMEOUT_S + 25, time.monotonic() - killed_at
