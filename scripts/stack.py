@@ -104,20 +104,16 @@ def render(registry: Registry, credential: str) -> None:
             lines.append(f"requirepass {password}")
         (VAR / "redis.conf").write_text("\n".join(lines) + "\n")
         programs.append(("redis", f"redis-server {VAR / 'redis.conf'}", 10, 10, {}))
-    programs.append(("api", f"{VENV_BIN / 'gunicorn'} --bind {settings.API_HOST}:{settings.API_PORT} "
-                            f"--workers {settings.API_WORKERS} --worker-class gthread "
-                            f"--threads {settings.API_THREADS} --timeout 60 --graceful-timeout 30 "
-                            f"{GUNICORN_LIMITS} --access-logfile - wsgi:app", 20, 30,
+    cmds = commands(served, f"{VENV_BIN}/", f"{settings.API_HOST}:{settings.API_PORT}",
+                    settings.API_WORKERS, settings.API_THREADS, f"{ROOT}/")
+    programs.append(("api", cmds["api"], 20, 30,
                      {**common, "MODELS_FILE": settings.MODELS_FILE, "MODELS": ",".join(served)}))
     for spec in registry:
         entry = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]  # restart when the entry changes
-        programs.append((f"worker-{spec.name}",
-                         f"{VENV_BIN / 'celery'} -A workers worker --model {spec.name} "
-                         f"--loglevel INFO --hostname worker-{spec.name}@%%h", 30, 60,
+        programs.append((f"worker-{spec.name}", cmds[f"worker-{spec.name}"], 30, 60,
                          {**common, "MODELS_FILE": settings.MODELS_FILE, "MODELS": spec.name,
                           "TORCH_THREADS": threads, "MODEL_ENTRY_SHA": entry}))
-    programs.append(("flower", f"{VENV_BIN / 'celery'} -A workers flower "
-                               f"--conf={ROOT / 'flower' / 'flowerconfig.py'}", 40, 10,
+    programs.append(("flower", cmds["flower"], 40, 10,
                      {**common, "FLOWER_BASIC_AUTH": credential, "FLOWER_HOST": settings.FLOWER_HOST,
                       "FLOWER_PORT": str(settings.FLOWER_PORT)}))
     out = [
@@ -128,7 +124,7 @@ def render(registry: Registry, credential: str) -> None:
         "[supervisorctl]", f"serverurl=unix://{SOCK}", "",
     ]
     for name, command, priority, stopwait, env in programs:
-        out += [f"[program:{name}]", f"command={command}", f"directory={ROOT}", f"priority={priority}",
+        out += [f"[program:{name}]", f"command={command.replace('%', '%%')}", f"directory={ROOT}", f"priority={priority}",
                 *([f"environment={_environment(env)}"] if env else []), "autostart=true", "autorestart=true", "startsecs=2",
                 "startretries=10", "stopsignal=TERM", f"stopwaitsecs={stopwait}", "stopasgroup=true",
                 "killasgroup=true", "redirect_stderr=true", f"stdout_logfile={LOGS / (name + '.log')}",
@@ -138,6 +134,20 @@ def render(registry: Registry, credential: str) -> None:
 
 #: Room for long headers and URLs so the API (not gunicorn, in HTML) answers them with JSON errors.
 GUNICORN_LIMITS = "--limit-request-line 16384 --limit-request-field_size 32768"
+
+
+def commands(models: list[str], bin_dir: str, api_bind: str, api_workers: int, api_threads: int,
+             root: str = "") -> dict[str, str]:
+    """The command line of each program, by program name: the one place they are written, read by
+    ``render`` (supervisord) and checked against docker-compose.yml by the tests."""
+    out = {"api": f"{bin_dir}gunicorn --bind {api_bind} --workers {api_workers} --worker-class gthread "
+                  f"--threads {api_threads} --timeout 60 --graceful-timeout 30 {GUNICORN_LIMITS} "
+                  f"--access-logfile - wsgi:app"}
+    for name in models:
+        out[f"worker-{name}"] = (f"{bin_dir}celery -A workers worker --model {name} --loglevel INFO "
+                                 f"--hostname worker-{name}@%h")
+    out["flower"] = f"{bin_dir}celery -A workers flower --conf={root}flower/flowerconfig.py"
+    return out
 
 
 def supervisorctl(*args: str, check: bool = False) -> subprocess.CompletedProcess:
