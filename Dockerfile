@@ -12,7 +12,7 @@ RUN python -m venv .venv && .venv/bin/pip install -r requirements.txt
 COPY . .
 # Pre-fetch what the configured models need at build time, so containers start offline.
 RUN .venv/bin/python scripts/prefetch.py \
-    && useradd --system --home /app app && mkdir -p /app/var && chown -R app /app/var /app/cache
+    && useradd --system --home /app app && mkdir -p /app/var /app/cache && chown -R app /app/var /app/cache
 ENV HF_HUB_OFFLINE=1
 USER app
 EXPOSE 8000 5555
