@@ -56,7 +56,7 @@ class ModelBatches(Batches):
 
     def __init__(self) -> None:
         super().__init__()
-        self._inflight = 0
+        self._running: dict[Any, list] = {}  # the pool's result handle of each batch it holds -> requests
 
     def configure(self, max_batch_size: int, max_wait_ms: float) -> None:
         if max_batch_size < 1:
@@ -67,7 +67,24 @@ class ModelBatches(Batches):
         self.flush_interval = max(max_wait_ms / 1000.0, 0.001)
 
     def _busy(self) -> bool:
-        return self._inflight >= max(1, getattr(self._pool, "num_processes", 1) or 1)
+        self._forget_dropped()
+        return len(self._running) >= max(1, getattr(self._pool, "num_processes", 1) or 1)
+
+    def _forget_dropped(self) -> None:
+        """When the broker connection is lost, Celery flushes the pool: batches no process had
+        accepted yet are dropped without a callback. Left counted, they would keep this worker
+        "busy" for good; their jobs are put back on the queue instead."""
+        cache = getattr(getattr(self._pool, "_pool", None), "_cache", None)
+        if cache is None:
+            return
+        for result in [r for r in self._running if cache.get(getattr(r, "_job", None)) is not r and not r.ready()]:
+            requests = self._running.pop(result)
+            log.warning("the pool dropped a batch of %d (broker connection lost); requeueing it", len(requests))
+            try:
+                for request in requests:
+                    request.reject(requeue=True)
+            except Exception:  # they come back after visibility_timeout
+                log.exception("could not requeue a dropped batch")
 
     def _ready(self, request) -> bool:
         if not request.eta:
@@ -100,8 +117,9 @@ class ModelBatches(Batches):
                 self._tref.cancel()
             self._tref = None
 
-    def _after_batch(self) -> None:
-        self._inflight = max(0, self._inflight - 1)
+    def _after_batch(self, handle: list) -> None:
+        if handle:
+            self._running.pop(handle[0], None)
         if not (self._buffer.empty() and self._pending.empty()):
             self._do_flush()
             if self._tref is None and not (self._buffer.empty() and self._pending.empty()):
@@ -110,7 +128,7 @@ class ModelBatches(Batches):
     def flush(self, requests: Collection[Any]) -> Any:
         requests = list(requests)
         simple = [SimpleRequest.from_request(r) for r in requests]
-        self._inflight += 1
+        handle: list = []  # the pool's result object, once apply_async returns it
 
         def on_return(finished_ids) -> None:
             done = set(finished_ids or ())
@@ -123,7 +141,7 @@ class ModelBatches(Batches):
             except Exception:  # broker gone: unacked messages come back after visibility_timeout
                 log.exception("could not ack/requeue a batch of %d", len(requests))
             finally:
-                self._after_batch()
+                self._after_batch(handle)
 
         def on_error(exc_info) -> None:
             log.error("batch of %d lost (%s); requeueing it", len(requests),
@@ -134,11 +152,15 @@ class ModelBatches(Batches):
             except Exception:
                 log.exception("could not requeue a lost batch")
             finally:
-                self._after_batch()
+                self._after_batch(handle)
 
-        return self._pool.apply_async(
+        result = self._pool.apply_async(
             apply_batches_task, (self, (simple,), 0, None),
             callback=on_return, error_callback=on_error)
+        if result is not None and not result.ready():  # (not already called back)
+            handle.append(result)
+            self._running[result] = requests
+        return result
 
     def Strategy(self, task, app, consumer):
         self._timer = consumer.timer

@@ -1,0 +1,71 @@
+"""ModelBatches' bookkeeping of the batches it handed to the pool, with a stand-in pool."""
+
+from types import SimpleNamespace
+
+from workers.consumer import ModelBatches
+
+
+class FakeResult:
+    _n = 0
+
+    def __init__(self, cache):
+        FakeResult._n += 1
+        self._job, self._ready = FakeResult._n, False
+        cache[self._job] = self
+
+    def ready(self):
+        return self._ready
+
+
+class FakePool:
+    num_processes = 1
+
+    def __init__(self):
+        self._pool = SimpleNamespace(_cache={})
+        self.calls = []
+
+    def apply_async(self, fn, args, callback, error_callback):
+        self.calls.append((callback, error_callback))
+        return FakeResult(self._pool._cache)
+
+
+class FakeRequest:
+    def __init__(self, rid):
+        self.id, self.rejected, self.acked = rid, False, False
+
+    def reject(self, requeue):
+        self.rejected = requeue
+
+    def acknowledge(self):
+        self.acked = True
+
+
+def _task(monkeypatch):
+    monkeypatch.setattr("workers.consumer.SimpleRequest.from_request", staticmethod(lambda r: r))
+    task = ModelBatches.__new__(ModelBatches)
+    ModelBatches.__init__(task)
+    task._pool = FakePool()
+    return task
+
+
+def test_a_batch_the_pool_dropped_without_a_callback_frees_the_worker_and_is_requeued(monkeypatch):
+    task = _task(monkeypatch)
+    requests = [FakeRequest("a"), FakeRequest("b")]
+    result = task.flush(requests)
+    assert task._busy()
+    task._pool._pool._cache.pop(result._job)  # what AsynPool.flush() does on connection loss
+    assert not task._busy()
+    assert all(r.rejected for r in requests)
+
+
+def test_a_finished_batch_frees_the_worker_and_acks_what_it_finished(monkeypatch):
+    task = _task(monkeypatch)
+    requests = [FakeRequest("a"), FakeRequest("b")]
+    result = task.flush(requests)
+    callback, _ = task._pool.calls[-1]
+    result._ready = True
+    task._pool._pool._cache.pop(result._job)
+    callback(["a"])
+    assert not task._busy()
+    assert requests[0].acked and requests[1].rejected  # not finished: back on the queue
+    assert not task._running
