@@ -48,6 +48,11 @@ MAX_WAIT_S = 30
 JOB_TTL_S = _int("JOB_TTL_S", 24 * 3600)
 #: How many times a job may be delivered to a worker before it fails for good.
 MAX_DELIVERIES = _int("MAX_DELIVERIES", 5)
+#: A job not finished, older than this, whose message is in no queue and held by no worker, had
+#: its message lost in transit (a worker or Redis killed mid-handover); workers send it again.
+LOST_MESSAGE_AFTER_S = _int("LOST_MESSAGE_AFTER_S", 30)
+#: How often (seconds) one worker per model looks for such jobs (it checks on its 5 s heartbeat).
+LOST_SWEEP_EVERY_S = _int("LOST_SWEEP_EVERY_S", 15)
 #: Retries (with exponential backoff and jitter) for transient errors.
 MAX_RETRIES = _int("MAX_RETRIES", 3)
 #: Torch threads per worker process; 0 picks cores / models served on this host.

@@ -76,8 +76,9 @@ def infer(self, requests) -> list[str]:
     store = state.store()
     hostname = requests[0].hostname if requests else "worker"
     started = time.time()
+    stored_inputs: dict[str, list] = {}
     verdicts = store.claim([r.id for r in requests], hostname, len(requests), settings.MAX_DELIVERIES,
-                           now=started)
+                           now=started, inputs=stored_inputs)
     fresh, suspects, culprits, attempts, settled, acked = [], [], [], {}, [], []
     for request, (verdict, detail) in zip(requests, verdicts):
         kwargs = request.kwargs or {}
@@ -95,7 +96,8 @@ def infer(self, requests) -> list[str]:
                            f"{spec.name if spec else None!r}"}})
         else:
             attempts[request.id] = int(detail or 1)
-            job = Job(request.id, list(kwargs.get("inputs") or []), bool(kwargs.get("single", True)))
+            items = stored_inputs.get(request.id, kwargs.get("inputs"))  # (older messages carried them)
+            job = Job(request.id, list(items or []), bool(kwargs.get("single", True)))
             {"suspect": suspects, "culprit": culprits}.get(verdict, fresh).append(job)
             _send(hostname, "task-started", uuid=request.id)
 

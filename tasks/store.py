@@ -58,11 +58,12 @@ end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2],
            'batch_size', ARGV[3])
 redis.call('HDEL', KEYS[1], 'alone')
+local inputs = redis.call('HGET', KEYS[1], 'inputs') or ''
 if st == 'running' then
-  if alone == '1' then return {'culprit', attempts} end
-  return {'suspect', attempts}
+  if alone == '1' then return {'culprit', attempts, inputs} end
+  return {'suspect', attempts, inputs}
 end
-return {'run', attempts}
+return {'run', attempts, inputs}
 """
 
 # KEYS[1] job hash. ARGV: now, error. -> 'now-cancelled', or the status it already had
@@ -109,6 +110,44 @@ def iso(ts: str | float | None) -> str | None:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
+def live_key(model: str) -> str:
+    """Sorted set of a model's jobs not yet terminal, scored by creation time."""
+    return f"live:{model}"
+
+
+# Messages lost in transit: kombu's Redis transport pops a message (BRPOP) and only then records
+# it as unacked; a worker killed, or a Redis restarted, between the two loses the message. The
+# job record survives, so these jobs are found and sent again.
+# KEYS: the model's queue lists..., the unacked hash, the live index.
+# ARGV: the candidate job ids (live, older than a grace period).
+# -> ids whose record is not terminal and whose message is in no list and not unacked
+_FIND_LOST = """
+local want = {}
+for _, id in ipairs(ARGV) do want[id] = true end
+local n = #KEYS
+local function scan(items)
+  for _, item in ipairs(items) do
+    local id = string.match(item, '"id": "([^"]+)"')
+    if id then want[id] = nil end
+  end
+end
+for i = 1, n - 2 do scan(redis.call('LRANGE', KEYS[i], 0, -1)) end
+scan(redis.call('HVALS', KEYS[n - 1]))
+local lost = {}
+for _, id in ipairs(ARGV) do
+  if want[id] then
+    local st = redis.call('HGET', 'job:' .. id, 'status')
+    if st == 'queued' or st == 'retrying' or st == 'running' then
+      table.insert(lost, id)
+    else
+      redis.call('ZREM', KEYS[n], id)  -- finished, or its record expired: no longer live
+    end
+  end
+end
+return lost
+"""
+
+
 def done_channel(job_id: str) -> str:
     return f"jobs:done:{job_id}"
 
@@ -127,6 +166,7 @@ class JobStore:
         self._cancel = client.register_script(_CANCEL)
         self._expire = client.register_script(_EXPIRE_IF_DUE)
         self._take_over = client.register_script(_TAKE_OVER)
+        self._find_lost = client.register_script(_FIND_LOST)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int) -> "JobStore":
@@ -140,15 +180,20 @@ class JobStore:
 
     # -- API side ---------------------------------------------------------
     def create(self, job_id: str, *, model: str, priority: str, owner: str, n_inputs: int,
-               single: bool, deadline: float | None, now: float | None = None) -> None:
+               single: bool, deadline: float | None, now: float | None = None,
+               inputs: list | None = None) -> None:
+        """Record a job. Its inputs live here, not in the broker message (which only points at the
+        job), so a message lost in transit can be sent again from the record (``find_lost``)."""
         now = time.time() if now is None else now
         pipe = self.r.pipeline()
         pipe.hset(self.key(job_id), mapping={
             "model": model, "priority": priority, "owner": owner, "status": "queued",
             "created_at": repr(now), "deadline": "" if deadline is None else repr(deadline),
             "attempts": 0, "n_inputs": n_inputs, "single": int(single),
+            **({"inputs": json.dumps(inputs)} if inputs is not None else {}),
         })
         pipe.expire(self.key(job_id), self.ttl_s)
+        pipe.zadd(live_key(model), {job_id: now})
         pipe.hincrby(f"waiting:{model}", priority, 1)
         pipe.hincrby("stats:submitted", f"{model}|{priority}", 1)
         pipe.execute()
@@ -157,6 +202,7 @@ class JobStore:
         """Undo ``create`` when the message could not be published."""
         pipe = self.r.pipeline()
         pipe.delete(self.key(job_id))
+        pipe.zrem(live_key(model), job_id)
         pipe.hincrby(f"waiting:{model}", priority, -1)
         pipe.hincrby("stats:submitted", f"{model}|{priority}", -1)
         pipe.execute()
@@ -241,9 +287,10 @@ class JobStore:
         return submitted, finished
 
     # -- worker side ------------------------------------------------------
-    def claim(self, job_ids: list[str], worker: str, batch_size: int,
-              max_deliveries: int, now: float | None = None) -> list[tuple[str, int | str | None]]:
-        """Atomically move each job to ``running``; one (verdict, detail) per job."""
+    def claim(self, job_ids: list[str], worker: str, batch_size: int, max_deliveries: int,
+              now: float | None = None, inputs: dict | None = None) -> list[tuple[str, int | str | None]]:
+        """Atomically move each job to ``running``; one (verdict, detail) per job. Pass a dict as
+        ``inputs`` to get each job-to-run's stored inputs in it (job id -> list)."""
         now = repr(time.time() if now is None else now)
         exhausted = json.dumps({"type": "TooManyDeliveries",
                                 "message": f"delivered more than {max_deliveries} times without finishing; "
@@ -252,7 +299,12 @@ class JobStore:
         for job_id in job_ids:
             self._claim(keys=[self.key(job_id)], client=pipe,
                         args=[now, worker, batch_size, max_deliveries, json.dumps(EXPIRED), exhausted])
-        return [(row[0], row[1] if len(row) > 1 else None) for row in pipe.execute()]
+        rows = pipe.execute()
+        if inputs is not None:
+            for job_id, row in zip(job_ids, rows):
+                if len(row) > 2 and row[2]:
+                    inputs[job_id] = json.loads(row[2])
+        return [(row[0], row[1] if len(row) > 1 else None) for row in rows]
 
     def mark_alone(self, job_id: str) -> None:
         """About to run this job in a batch of its own: if its process dies now, it was this job."""
@@ -280,6 +332,9 @@ class JobStore:
             if status == "retrying" and outcome.get("model"):
                 pipe.hincrby(f"waiting:{outcome['model']}", outcome.get("priority") or "normal", 1)
             if status in TERMINAL:
+                pipe.hdel(self.key(job_id), "inputs")  # not needed any more; the result stays
+                if outcome.get("model"):
+                    pipe.zrem(live_key(outcome["model"]), job_id)
                 meta = {"status": _CELERY_STATE[status], "task_id": job_id, "traceback": None,
                         "children": [], "date_done": iso(now)}
                 if status == "succeeded":
@@ -327,6 +382,23 @@ class JobStore:
         """
         counts = self.r.hmget(f"waiting:{model}", list(priorities))
         return {name: max(0, int(n or 0)) for name, n in zip(priorities, counts)}
+
+    def find_lost(self, model: str, queue_lists: list[str], grace_s: float, limit: int = 500,
+                  now: float | None = None) -> list[dict[str, Any]]:
+        """Live jobs older than ``grace_s`` whose message is nowhere (see ``_FIND_LOST``), with what
+        it takes to send them again: ``{"id", "priority", "n_inputs", "single"}``. One scan of the
+        model's queue lists and the unacked hash, in Redis; messages are small (inputs live here)."""
+        now = time.time() if now is None else now
+        candidates = self.r.zrangebyscore(live_key(model), "-inf", now - grace_s, start=0, num=limit)
+        if not candidates:
+            return []
+        lost = self._find_lost(keys=[*queue_lists, "unacked", live_key(model)], args=candidates)
+        out = []
+        for job_id in lost:
+            priority, n_inputs, single = self.r.hmget(self.key(job_id), "priority", "n_inputs", "single")
+            out.append({"id": job_id, "priority": priority or "normal", "n_inputs": int(n_inputs or 1),
+                        "single": single != "0"})
+        return out
 
     # Heartbeats: one small hash per model, node -> the time its heartbeat runs out. Reading it is
     # one HGETALL, whatever else the keyspace holds (a SCAN would walk every job record).

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import math
+import time
 
 from celery import Celery, bootsteps
 from click import Option
+
+import settings
 
 
 def make_celery() -> Celery:
@@ -50,7 +53,8 @@ class ModelBinding(bootsteps.Step):
 
 
 class Heartbeat(bootsteps.StartStopStep):
-    """Refreshes this node in ``workers:<model>`` every few seconds so the API can count live workers."""
+    """Refreshes this node in ``workers:<model>`` every few seconds so the API can count live workers,
+    and every ``LOST_SWEEP_EVERY_S`` sends again the model's jobs whose message was lost in transit."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
     interval_s = 5.0
@@ -58,6 +62,7 @@ class Heartbeat(bootsteps.StartStopStep):
     def __init__(self, consumer, **options):
         super().__init__(consumer, **options)
         self.tref = None
+        self.next_sweep = 0.0
 
     def start(self, consumer):
         from workers import state
@@ -70,10 +75,40 @@ class Heartbeat(bootsteps.StartStopStep):
     def beat(self, consumer):
         from workers import state
 
+        log = consumer.app.log.get_default_logger()
         try:
             state.store().heartbeat(state.spec.name, consumer.hostname, int(self.interval_s * 3))
+            if time.monotonic() >= self.next_sweep:
+                self.next_sweep = time.monotonic() + settings.LOST_SWEEP_EVERY_S
+                self.sweep(consumer)
         except Exception as exc:  # Redis down: the next beat tries again
-            consumer.app.log.get_default_logger().warning("heartbeat failed: %s", exc)
+            log.warning("heartbeat or lost-message sweep failed: %s", exc)
+
+    def sweep(self, consumer) -> int:
+        """One worker per model (a lock) looks for the model's lost messages and sends them again.
+
+        kombu's Redis transport pops a message and only then records it as unacked: a worker
+        killed, or Redis restarted, in between loses the message, never the job record. A resent
+        job is claimed like any other; if the first message was not lost after all, the claim makes
+        sure the job still finishes once (at worst it runs again, as any redelivery may)."""
+        from celeryconfig import PRIORITIES, broker_transport_options
+        from workers import state
+
+        store, spec = state.store(), state.spec
+        if not store.r.set(f"sweep:{spec.name}", consumer.hostname, nx=True, px=int(settings.LOST_SWEEP_EVERY_S * 900)):
+            return 0
+        steps = broker_transport_options["priority_steps"]
+        lists = [spec.queue if step == 0 else f"{spec.queue}\x06\x16{step}" for step in steps]
+        lost = store.find_lost(spec.name, lists, settings.LOST_MESSAGE_AFTER_S)
+        for job in lost:
+            consumer.app.send_task("tasks.infer", task_id=job["id"], queue=spec.queue,
+                                   priority=PRIORITIES.get(job["priority"], PRIORITIES["normal"]),
+                                   kwargs={"model": spec.name, "n_inputs": job["n_inputs"], "single": job["single"]})
+        if lost:
+            consumer.app.log.get_default_logger().warning(
+                "sent again %d job(s) whose message was lost in transit: %s", len(lost),
+                ", ".join(job["id"] for job in lost[:10]))
+        return len(lost)
 
     def stop(self, consumer):
         from workers import state

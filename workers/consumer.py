@@ -34,8 +34,9 @@ _LOWEST = 255
 
 def _inputs(request) -> int:
     """How many model inputs a job carries (its weight in a batch)."""
+    kwargs = request.kwargs or {}
     try:
-        return len((request.kwargs or {}).get("inputs") or ()) or 1
+        return int(kwargs.get("n_inputs") or len(kwargs.get("inputs") or ())) or 1
     except Exception:
         return 1
 

@@ -111,3 +111,33 @@ def test_a_worker_main_process_killed_mid_batch_loses_nothing(own_stack, stack_d
     assert any(j["attempts"] == 2 for j in jobs.values())  # the batch that was running ran again
     # back within the visibility timeout plus the 5 s restore sweep, a start, and a 3 s batch or two
     assert time.monotonic() - killed_at < VISIBILITY_TIMEOUT_S + 25, time.monotonic() - killed_at
+
+
+def test_a_job_whose_message_was_lost_in_transit_is_sent_again(own_stack, stack_dir):
+    """kombu pops a message, then records it as unacked: a worker or Redis killed in between loses the
+    message (the chaos run caught this). The job record keeps the inputs; a worker finds the job live,
+    old, and nowhere in the broker, and sends it again."""
+    import redis as redis_lib
+
+    procs, env, client, data = own_stack
+    ids = [client.submit("prio", f"lost {i}", priority=p)["id"] for i, p in enumerate(["high", "normal", "low"])]
+    kept = client.submit("prio", "kept")["id"]
+    broker = redis_lib.Redis.from_url(env["REDIS_URL"])
+    lists = [k for k in broker.keys("jobs.prio*")]
+    messages = {k: broker.lrange(k, 0, -1) for k in lists}
+    broker.delete(*lists)  # as if popped by a worker that died before recording them
+    for key, items in messages.items():
+        for item in items:
+            if kept.encode() in item:
+                broker.rpush(key, item)
+    env = {**env, "LOST_MESSAGE_AFTER_S": "2", "LOST_SWEEP_EVERY_S": "1"}
+    time.sleep(2)
+    procs["worker"] = start_worker("prio", env, stack_dir)
+    worker_ready(env["REDIS_URL"], "prio", procs["worker"])
+    jobs = {i: client.wait(i, timeout=30) for i in ids + [kept]}
+    assert all(j["status"] == "succeeded" for j in jobs.values()), jobs
+    assert [jobs[i]["result"]["echo"] for i in ids] == ["lost 0", "lost 1", "lost 2"]
+    assert all(j["attempts"] == 1 for j in jobs.values())  # the kept one was not sent twice
+    log = procs["worker"].log(100_000)
+    assert "sent again 3 job(s)" in log, log[-3000:]
+    assert kept not in log.split("sent again")[1].splitlines()[0]

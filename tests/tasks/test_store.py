@@ -170,3 +170,36 @@ def test_a_job_whose_delivery_died_comes_back_as_a_suspect_then_as_the_culprit(s
     assert store.r.hget(store.key(a), "alone") is None  # cleared until it runs alone again
     store.finish([{"id": a, "status": "retrying", "model": "m", "priority": "high"}])
     assert store.claim([a], "w", 1, 5) == [("run", 4)]  # a retry after an error is no suspect
+
+
+def _message(job_id: str) -> str:
+    """A broker message as kombu's Redis transport stores it (the fields that matter here)."""
+    return json.dumps({"body": "e30=", "content-encoding": "utf-8", "content-type": "application/json",
+                       "headers": {"lang": "py", "task": "tasks.infer", "id": job_id, "root_id": "r"},
+                       "properties": {"correlation_id": job_id, "delivery_tag": str(uuid.uuid4())}})
+
+
+def test_find_lost_reports_live_jobs_whose_message_is_nowhere(store):
+    queued, held, lost, running_lost, done = (new_job(store) for _ in range(5))
+    store.r.lpush("q", _message(queued))
+    store.r.hset("unacked", "tag", json.dumps([json.loads(_message(held)), "", "q"]))
+    store.claim([running_lost], "w", 1, 5)
+    store.claim([done], "w", 1, 5)
+    store.finish([{"id": done, "status": "succeeded", "result": 1, "model": "m", "priority": "high"}])
+    later = time.time() + 60
+    assert store.find_lost("m", ["q", "q\x06\x165"], grace_s=30) == []  # all too young to judge
+    found = store.find_lost("m", ["q", "q\x06\x165"], grace_s=30, now=later)
+    assert {job["id"] for job in found} == {lost, running_lost}
+    assert all(job["priority"] == "high" and job["n_inputs"] == 1 and job["single"] for job in found)
+    assert store.r.zscore("live:m", done) is None  # finished jobs leave the index
+
+
+def test_inputs_live_in_the_record_until_the_job_ends(store):
+    job_id = str(uuid.uuid4())
+    store.create(job_id, model="m", priority="normal", owner="o", n_inputs=2, single=False, deadline=None,
+                 inputs=["a", {"image_b64": "xyz"}])
+    got = {}
+    assert store.claim([job_id], "w", 1, 5, inputs=got) == [("run", 1)]
+    assert got == {job_id: ["a", {"image_b64": "xyz"}]}
+    store.finish([{"id": job_id, "status": "succeeded", "result": [1, 2], "model": "m", "priority": "normal"}])
+    assert store.r.hget(store.key(job_id), "inputs") is None
