@@ -8,7 +8,7 @@ import uuid
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from api.errors import BadRequest, Conflict, NotFound, TooManyRequests
+from api.errors import BadRequest, Conflict, NotFound, TooManyRequests, Unavailable
 from api.validation import check_items, parse_submission
 from celeryconfig import PRIORITIES
 
@@ -74,11 +74,16 @@ def submit():
             _refuse_if_too_late(store, spec.name, sub.priority, sub.timeout_s)
         now = time.time()
         store.create(job_id, model=spec.name, priority=sub.priority, owner=g.owner, n_inputs=len(sub.items),
-                     single=sub.single, deadline=now + sub.timeout_s if sub.timeout_s else None, now=now)
+                     single=sub.single, deadline=now + sub.timeout_s if sub.timeout_s else None, now=now,
+                     inputs=sub.items)
         created = True
-        current_app.extensions["celery"].send_task(
-            TASK_NAME, task_id=job_id, queue=spec.queue, priority=PRIORITIES[sub.priority],
-            kwargs={"model": spec.name, "inputs": sub.items, "single": sub.single})
+        try:  # the message only points at the job: its inputs are in the record
+            current_app.extensions["celery"].send_task(
+                TASK_NAME, task_id=job_id, queue=spec.queue, priority=PRIORITIES[sub.priority],
+                kwargs={"model": spec.name, "n_inputs": len(sub.items), "single": sub.single})
+        except Exception as exc:  # whatever kombu raises while the broker reconnects: not published
+            raise Unavailable("the broker did not take the job; retry (with the same Idempotency-Key)",
+                              headers={"Retry-After": "1"}) from exc
     except Exception:
         _undo(store, job_id, spec.name, sub.priority, idem_key, created)
         raise
