@@ -1,5 +1,5 @@
 # The two commands: `make up` (set up and start everything) and `make test` (set up and run the tests).
-.PHONY: up down test restart logs ps clean prefetch
+.PHONY: up down test restart logs ps clean prefetch chaos
 VAR_DIR ?= var
 
 up:
@@ -14,6 +14,11 @@ restart: down up
 test:
 	@bash scripts/bootstrap.sh
 	@.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+# Starts its own stack (var/chaos, free ports), submits jobs while killing workers and Redis, prints a ledger.
+chaos:
+	@bash scripts/bootstrap.sh
+	@.venv/bin/python scripts/chaos.py $(CHAOS_ARGS)
 
 prefetch:
 	@bash scripts/bootstrap.sh
