@@ -84,6 +84,9 @@ def infer(self, requests) -> list[str]:
         kwargs = request.kwargs or {}
         if verdict == "skip":
             acked.append(request.id)  # already cancelled/expired/finished: drop the duplicate
+        elif verdict == "missing":  # its record outlived JOB_TTL_S: nobody can read a result any more
+            log.warning("job %s has no record (older than JOB_TTL_S?); dropping its message", request.id)
+            acked.append(request.id)
         elif verdict == "expired":  # the claim already moved the record
             settled.append({"id": request.id, "status": "expired", "error": EXPIRED, "recorded": True})
         elif verdict == "exhausted":
