@@ -164,8 +164,21 @@ class ModelBatches(Batches):
         return result
 
     def Strategy(self, task, app, consumer):
+        """Called at start and again each time the consumer restarts (a lost broker connection).
+        A restart clears the event loop's timers, our flush timer with them: celery-batches would
+        keep the dead handle and never flush on time again, so it is dropped and, with requests
+        still buffered, started afresh."""
         self._timer = consumer.timer
-        return super().Strategy(task, app, consumer)
+        if self._tref is not None:
+            try:
+                self._tref.cancel()
+            except Exception:
+                pass
+            self._tref = None
+        handler = super().Strategy(task, app, consumer)
+        if not (self._buffer.empty() and self._pending.empty()):
+            self._tref = self._timer.call_repeatedly(self.flush_interval, self._do_flush)
+        return handler
 
 
 @signals.task_received.connect

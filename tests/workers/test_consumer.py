@@ -69,3 +69,30 @@ def test_a_finished_batch_frees_the_worker_and_acks_what_it_finished(monkeypatch
     assert not task._busy()
     assert requests[0].acked and requests[1].rejected  # not finished: back on the queue
     assert not task._running
+
+
+class FakeTimer:
+    def __init__(self):
+        self.entries = []
+
+    def call_repeatedly(self, interval, fn, args=()):
+        entry = SimpleNamespace(fn=fn, cancelled=False)
+        entry.cancel = lambda: setattr(entry, "cancelled", True)
+        self.entries.append(entry)
+        return entry
+
+
+def test_a_consumer_restart_restarts_the_flush_timer(monkeypatch):
+    """Celery clears the event loop's timers when the broker connection is lost, then calls
+    Strategy again: the buffered requests must still be flushed on time."""
+    from workers.app import app
+
+    task = _task(monkeypatch)
+    consumer = SimpleNamespace(pool=task._pool, hostname="w@h", connection_errors=(), event_dispatcher=None,
+                               timer=FakeTimer())
+    task.Strategy(task, app, consumer)
+    task._tref = consumer.timer.call_repeatedly(task.flush_interval, task._do_flush)  # running, with work buffered
+    task._buffer.put(FakeRequest("waiting"))
+    consumer.timer = FakeTimer()  # the old loop's timers are gone
+    task.Strategy(task, app, consumer)
+    assert len(consumer.timer.entries) == 1 and task._tref is consumer.timer.entries[0]
