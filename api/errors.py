@@ -111,7 +111,9 @@ def register_error_handlers(app: Flask) -> None:
         if error.code == 413:
             kind = "too_large"
             _drain_body()
-        wrapped = APIError(error.description or error.name, type=kind)
+        # Keep the exception's own headers (a 405's Allow, say), all but its HTML Content-Type.
+        headers = {name: value for name, value in error.get_headers() if name.lower() != "content-type"}
+        wrapped = APIError(error.description or error.name, type=kind, headers=headers)
         wrapped.status = error.code or 500
         return _respond(wrapped)
 

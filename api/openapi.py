@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, send_from_directory
+from flask import Blueprint, current_app, jsonify, send_from_directory
 from swagger_ui_bundle import swagger_ui_path
 
-from api.validation import SubmitBody
+from api.validation import MAX_LABELS, SubmitBody
 
 bp = Blueprint("openapi", __name__)
 
@@ -18,9 +18,11 @@ def _errors(*codes: int) -> dict:
     return {str(code): _ERROR for code in codes}
 
 
-def build_spec() -> dict:
+def build_spec(auth_required: bool = False) -> dict:
+    """The spec. ``auth_required`` (API_KEYS is set): every route but the health checks needs a key."""
     submit = SubmitBody.model_json_schema(ref_template="#/components/schemas/{model}")
     defs = submit.pop("$defs", {})
+    props = submit["properties"]
     job = {
         "type": "object",
         "properties": {
@@ -39,7 +41,35 @@ def build_spec() -> dict:
     accepted = {"type": "object", "required": ["id", "status", "url"], "properties": {
         "id": {"type": "string"}, "status": {"type": "string"}, "model": {"type": "string"},
         "priority": {"type": "string"}, "url": {"type": "string"}}}
+    # What api.validation._from_multipart reads: these fields only, and at least one image file.
+    multipart = {
+        "type": "object", "additionalProperties": False, "required": ["model"],
+        "anyOf": [{"required": ["image"]}, {"required": ["images"]}],
+        "properties": {
+            "model": {"type": "string", "minLength": 1, "maxLength": 200},
+            "priority": props["priority"],
+            "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400},
+            "labels": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_LABELS,
+                       "description": "zero-shot-image models only: the candidate labels"},
+            "image": {"type": "string", "format": "binary"},
+            "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1},
+        },
+    }
+    models = {"type": "object", "required": ["models"], "properties": {"models": {"type": "array", "items": {
+        "type": "object", "required": ["name", "task", "queue", "batch", "queue_depth", "workers"],
+        "properties": {
+            "name": {"type": "string"}, "task": {"type": "string"}, "input": {"type": "string"},
+            "source": {"type": "string"}, "queue": {"type": "string"}, "description": {"type": "string"},
+            "batch": {"type": "object", "properties": {"max_batch_size": {"type": "integer"},
+                                                       "max_wait_ms": {"type": "number"}}},
+            "queue_depth": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+            "workers": {"type": "array", "items": {"type": "string"}},
+            "labels": {"type": "array", "items": {"type": "string"}}}}}}}
+    status = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
     json_of = lambda ref: {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}  # noqa: E731
+    job_links = {"getJob": {"operationId": "getJob", "parameters": {"job_id": "$response.body#/id"}},
+                 "cancelJob": {"operationId": "cancelJob", "parameters": {"job_id": "$response.body#/id"}}}
+    keyed = [{"bearer": []}, {"apiKey": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "Inference job queue", "version": "1",
@@ -53,37 +83,45 @@ def build_spec() -> dict:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
                                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
         },
-        "security": [{}, {"bearer": []}, {"apiKey": []}],
+        # Keys are needed only when the server has API_KEYS set; otherwise any or none is fine.
+        "security": keyed if auth_required else [{}, *keyed],
         "paths": {
             "/jobs": {"post": {
-                "summary": "Submit a job",
+                "operationId": "submitJob", "summary": "Submit a job",
                 "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
                                 "schema": {"type": "string", "minLength": 1, "maxLength": 200}}],
                 "requestBody": {"required": True, "content": {
-                    **json_of("SubmitBody"),
-                    "multipart/form-data": {"schema": {"type": "object", "required": ["model", "image"],
-                        "properties": {"model": {"type": "string"}, "priority": {"type": "string"},
-                                       "timeout_s": {"type": "number"},
-                                       "image": {"type": "string", "format": "binary"}}}}}},
-                "responses": {"202": {"description": "queued", "content": json_of("Accepted")},
-                              **_errors(400, 401, 404, 413, 415, 429, 503)}}},
+                    **json_of("SubmitBody"), "multipart/form-data": {"schema": multipart}}},
+                "responses": {"202": {"description": "queued", "content": json_of("Accepted"), "links": job_links,
+                                      "headers": {"Location": {"schema": {"type": "string"}}}},
+                              **_errors(400, 401, 404, 409, 413, 415, 429, 503)}}},
             "/jobs/{job_id}": {
-                "get": {"summary": "Poll a job (optionally long-poll with ?wait=N, N <= 30)",
+                "get": {"operationId": "getJob",
+                        "summary": "Poll a job (optionally long-poll with ?wait=N, N <= 30)",
                         "parameters": [_JOB_ID, {"name": "wait", "in": "query", "required": False,
                                                  "schema": {"type": "number", "minimum": 0, "maximum": 30}}],
                         "responses": {"200": {"description": "the job", "content": json_of("Job")},
                                       **_errors(400, 401, 404, 503)}},
-                "delete": {"summary": "Cancel a queued job", "parameters": [_JOB_ID],
+                "delete": {"operationId": "cancelJob", "summary": "Cancel a queued job", "parameters": [_JOB_ID],
                            "responses": {"200": {"description": "cancelled", "content": json_of("Job")},
                                          **_errors(401, 404, 409, 503)}}},
-            "/models": {"get": {"summary": "Served models, batch settings, queue depths, live workers",
-                                "responses": {"200": {"description": "models"}, **_errors(401, 503)}}},
-            "/healthz": {"get": {"summary": "Process is up", "security": [{}],
-                                 "responses": {"200": {"description": "up"}}}},
-            "/readyz": {"get": {"summary": "Broker reachable", "security": [{}],
-                                "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics",
-                                 "responses": {"200": {"description": "text exposition"}, **_errors(401)}}},
+            "/models": {"get": {"operationId": "listModels",
+                                "summary": "Served models, batch settings, queue depths, live workers",
+                                "responses": {"200": {"description": "models",
+                                                      "content": {"application/json": {"schema": models}}},
+                                              **_errors(401, 503)}}},
+            "/healthz": {"get": {"operationId": "healthz", "summary": "Process is up", "security": [{}],
+                                 "responses": {"200": {"description": "up",
+                                                       "content": {"application/json": {"schema": status}}}}}},
+            "/readyz": {"get": {"operationId": "readyz", "summary": "Broker reachable", "security": [{}],
+                                "responses": {"200": {"description": "ready",
+                                                      "content": {"application/json": {"schema": status}}},
+                                              "503": {"description": "not ready",
+                                                      "content": {"application/json": {"schema": status}}}}}},
+            "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics",
+                                 "responses": {"200": {"description": "text exposition",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                               **_errors(401, 503)}}},
         },
     }
 
@@ -96,7 +134,7 @@ _DOCS_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Inferenc
 
 @bp.get("/openapi.json")
 def openapi_json():
-    return jsonify(build_spec())
+    return jsonify(build_spec(auth_required=bool(current_app.config["API_KEYS"])))
 
 
 @bp.get("/docs")

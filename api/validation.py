@@ -32,10 +32,18 @@ class ImageInput(BaseModel):
 InputItem = Union[StrictStr, ImageInput]
 
 
+#: "exactly one of input or inputs" (parse_submission's check), in the JSON schema too: one present
+#: and not null (a null one counts as absent).
+_EXACTLY_ONE_INPUT = {"oneOf": [
+    {"required": ["input"], "properties": {"input": {"type": ["string", "object"]}}},
+    {"required": ["inputs"], "properties": {"inputs": {"type": "array"}}},
+]}
+
+
 class SubmitBody(BaseModel):
     """The JSON body of POST /jobs: exactly one of ``input`` or ``inputs``."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), json_schema_extra=_EXACTLY_ONE_INPUT)
     model: StrictStr = Field(min_length=1, max_length=200)
     input: InputItem | None = None
     inputs: list[InputItem] | None = Field(default=None, min_length=1)
@@ -126,6 +134,9 @@ _FILE_FIELDS = {"image", "images"}
 
 def _from_multipart(request: Request) -> dict[str, Any]:
     form = request.form
+    not_files = set(form) & _FILE_FIELDS
+    if not_files:
+        raise BadRequest(f"multipart fields {sorted(not_files)} must be files (a part with a filename)")
     unknown = (set(form) - _FORM_FIELDS) | (set(request.files) - _FILE_FIELDS)
     if unknown:
         raise BadRequest(f"unknown multipart fields {sorted(unknown)}; allowed: {sorted(_FORM_FIELDS | _FILE_FIELDS)}")

@@ -36,6 +36,8 @@ def _open(raw: bytes, max_pixels: int) -> Image.Image:
         raise InvalidInput("the data is not an image Pillow can read (JPEG, PNG, WebP, GIF, ...)") from None
     except OSError as exc:
         raise InvalidInput(f"the image cannot be read: {exc}") from None
+    except Exception as exc:  # format plugins raise ValueError, NotImplementedError, SyntaxError, ...
+        raise InvalidInput(f"the image cannot be read ({type(exc).__name__}: {str(exc)[:200]})") from None
     width, height = img.size
     if width * height > max_pixels:
         raise InvalidInput(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")

@@ -159,3 +159,47 @@ def test_api_keys_guard_everything_but_health():
     assert c.get("/openapi.json").status_code == 200  # the docs are open, the API is not
     assert c.get("/docs").status_code == 200
     assert error_of(c.get("/models", headers={"X-API-Key": "ключ"}), 401)  # non-ASCII key: 401, not 500
+
+
+# Found by fuzzing (tests/integration/test_fuzz.py and a mutation fuzz of check_image): regressions.
+
+@pytest.mark.parametrize("raw", [
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\x03IHDR\x00\x00\x00\x10\x00\x00\x00\x0c",  # Pillow: ValueError, truncated IHDR
+    b"P6\n1x 1\n255\n",  # PPM header: ValueError from int()
+    b"P5\n1",  # PPM header cut short: ValueError
+])
+def test_a_corrupt_image_header_is_400_not_500(client, raw):
+    """Pillow's format plugins raise ValueError/NotImplementedError for some corrupt headers, not only
+    the OSError models.images expects; the API used to answer those with a 500."""
+    body = {"model": "efficientnet-lite0", "input": {"image_b64": base64.b64encode(raw).decode()}}
+    assert "the image cannot be read" in error_of(client.post("/jobs", json=body), 400)["message"]
+    data = {"model": "efficientnet-lite0", "image": (io.BytesIO(raw), "x.png")}
+    assert error_of(client.post("/jobs", data=data, content_type="multipart/form-data"), 400)["type"] == "invalid_request"
+
+
+def test_a_file_field_sent_as_text_is_named_as_such(client):
+    data = {"model": "efficientnet-lite0", "image": (io.BytesIO(base64.b64decode(png())), "x.png"), "images": "AAA"}
+    err = error_of(client.post("/jobs", data=data, content_type="multipart/form-data"), 400)
+    assert "['images'] must be files" in err["message"]
+
+
+def test_405_says_which_methods_are_allowed(client):
+    response = client.put("/jobs")
+    assert error_of(response, 405)["type"] == "method_not_allowed"
+    assert {m.strip() for m in response.headers["Allow"].split(",")} >= {"POST", "OPTIONS"}
+    assert response.mimetype == "application/json"
+
+
+def test_the_spec_says_what_the_api_does(client):
+    spec = client.get("/openapi.json").get_json()
+    submit = spec["components"]["schemas"]["SubmitBody"]
+    assert [branch["required"] for branch in submit["oneOf"]] == [["input"], ["inputs"]]  # exactly one
+    post = spec["paths"]["/jobs"]["post"]
+    multipart = post["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(multipart["properties"]) == {"model", "priority", "timeout_s", "labels", "image", "images"}
+    assert multipart["additionalProperties"] is False and multipart["properties"]["model"]["minLength"] == 1
+    assert {"202", "409", "413", "415", "429"} <= set(post["responses"])
+    assert post["responses"]["202"]["links"]["getJob"]["operationId"] == "getJob"
+    assert {} in spec["security"]  # no API_KEYS: a key is optional
+    keyed = create_app({"TESTING": True, "API_KEYS": ["k1"]}).test_client().get("/openapi.json").get_json()
+    assert {} not in keyed["security"] and keyed["paths"]["/healthz"]["get"]["security"] == [{}]
