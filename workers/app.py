@@ -124,3 +124,5 @@ class Heartbeat(bootsteps.StartStopStep):
 
 
 app = make_celery()
+
+from workers import control  # noqa: E402,F401  (registers our remote-control commands)

@@ -133,3 +133,45 @@ def _run_group(runner, group: list[Outcome], max_items: int, singles: dict[str, 
         chunk = results[pos:pos + n]
         pos += n
         outcome.result = chunk[0] if singles[outcome.job_id] else chunk
+
+
+class BatchStats:
+    """A worker's batching figures, as ``celery inspect batching`` shows them: batches run, mean
+    batch size, items/s over the last ``window_s`` seconds, model time per batch p50/p95."""
+
+    def __init__(self, window_s: float = 60.0, keep: int = 1000):
+        from collections import deque
+
+        self.window_s = window_s
+        self.batches = self.jobs = self.inputs = 0
+        self._recent: deque = deque(maxlen=keep)  # (monotonic time, inputs, run_ms)
+
+    def record(self, jobs: int, inputs: int, run_ms: float, now: float) -> None:
+        if not jobs:
+            return
+        self.batches += 1
+        self.jobs += jobs
+        self.inputs += inputs
+        self._recent.append((now, inputs, run_ms))
+
+    def summary(self, now: float) -> dict[str, Any]:
+        """
+        >>> s = BatchStats(window_s=10)
+        >>> s.record(4, 8, 20.0, now=100.0); s.record(2, 2, 10.0, now=105.0); s.record(0, 0, 0, now=106)
+        >>> s.summary(now=110.0)["mean_batch_size"], s.summary(now=110.0)["items_per_s"]
+        (3.0, 1.0)
+        """
+        recent = [r for r in self._recent if now - r[0] <= self.window_s]
+        times = sorted(r[2] for r in self._recent)
+
+        def pct(q: float) -> float | None:
+            return round(times[min(len(times) - 1, int(q * len(times)))], 2) if times else None
+
+        return {
+            "batches": self.batches, "jobs": self.jobs, "inputs": self.inputs,
+            "mean_batch_size": round(self.jobs / self.batches, 2) if self.batches else None,
+            "mean_inputs_per_batch": round(self.inputs / self.batches, 2) if self.batches else None,
+            "items_per_s": round(sum(r[1] for r in recent) / self.window_s, 2),
+            "window_s": self.window_s,
+            "inference_ms_p50": pct(0.5), "inference_ms_p95": pct(0.95),
+        }

@@ -26,7 +26,7 @@ from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
 from kombu.asynchronous.timer import to_timestamp
 
-from workers.batching import plan
+from workers.batching import BatchStats, plan
 
 log = logging.getLogger(__name__)
 _LOWEST = 255
@@ -58,14 +58,20 @@ class ModelBatches(Batches):
     def __init__(self) -> None:
         super().__init__()
         self._running: dict[Any, list] = {}  # the pool's result handle of each batch it holds -> requests
+        self.stats = BatchStats()
 
     def configure(self, max_batch_size: int, max_wait_ms: float) -> None:
+        """Set the batch limits; on a running worker (``celery control set_batching``) too: the
+        flush timer restarts with the new wait on the next message."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         self.flush_every = max_batch_size
         self.flush_interval = max(max_wait_ms / 1000.0, 0.001)
+        if getattr(self, "_tref", None) is not None:
+            self._tref.cancel()
+            self._tref = self._timer.call_repeatedly(self.flush_interval, self._do_flush)
 
     def _busy(self) -> bool:
         self._forget_dropped()
@@ -131,8 +137,12 @@ class ModelBatches(Batches):
         simple = [SimpleRequest.from_request(r) for r in requests]
         handle: list = []  # the pool's result object, once apply_async returns it
 
-        def on_return(finished_ids) -> None:
-            done = set(finished_ids or ())
+        def on_return(value) -> None:
+            if isinstance(value, dict):  # ids to ack, plus the batch's figures
+                self.stats.record(value.get("jobs", 0), value.get("inputs", 0), value.get("run_ms", 0.0),
+                                  monotonic())
+                value = value.get("ids")
+            done = set(value or ())
             try:
                 for request in requests:
                     if request.id in done:

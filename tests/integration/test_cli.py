@@ -1,0 +1,64 @@
+"""The real `celery` CLI against a real worker: Celery's own inspect commands and ours."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import redis
+
+from tests.procs import ROOT, VENV_BIN, start_worker, worker_ready
+
+
+def celery(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "celery"), "-A", "workers", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**env, "PYTHONPATH": str(ROOT), "PATH": str(VENV_BIN)})
+
+
+def inspect_json(env: dict, node: str, command: str) -> dict:
+    out = celery(env, "inspect", command, "--json", "-t", "5", "-d", node)
+    assert out.returncode == 0, out.stderr + out.stdout
+    return json.loads(out.stdout.strip().splitlines()[-1])[node]
+
+
+def test_celery_inspect_and_our_batching_commands(client, stack_env, stack_dir, redis_url):
+    import os
+
+    env = {**os.environ, **stack_env}
+    worker = start_worker("prio", stack_env, stack_dir)
+    try:
+        worker_ready(redis_url, "prio", worker)
+        node = next(n.decode() for n in redis.Redis.from_url(redis_url).hkeys("workers:prio")
+                    if worker.name in n.decode())
+        for i in range(6):
+            client.run("prio", f"warm {i}")
+
+        assert inspect_json(env, node, "ping") == {"ok": "pong"}
+        queues = inspect_json(env, node, "active_queues")
+        assert [q["name"] for q in queues] == ["jobs.prio"]
+        stats = inspect_json(env, node, "stats")
+        assert stats["pool"]["max-concurrency"] == 1 and stats["prefetch_count"] >= 8
+
+        figures = inspect_json(env, node, "batching")
+        assert figures["model"] == "prio" and figures["max_batch_size"] == 4 and figures["max_wait_ms"] == 5
+        assert figures["batches"] >= 1 and figures["jobs"] >= 6 and figures["inference_ms_p50"] >= 20
+        assert figures["items_per_s"] > 0
+
+        out = celery(env, "control", "set_batching", "prio", "2", "50", "-d", node, "-t", "5")
+        assert out.returncode == 0 and "max_batch_size=2 max_wait_ms=50" in out.stdout, out.stderr + out.stdout
+        figures = inspect_json(env, node, "batching")
+        assert figures["max_batch_size"] == 2 and figures["max_wait_ms"] == 50
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            ids = list(pool.map(lambda i: client.submit("prio", f"after {i}")["id"], range(8)))
+        jobs = [client.wait(i) for i in ids]
+        assert all(j["status"] == "succeeded" for j in jobs)
+        assert max(j["batch_size"] for j in jobs) == 2  # the new limit, live
+
+        wrong = celery(env, "control", "set_batching", "minilm", "8", "-d", node, "-t", "5")
+        assert "skipped" in wrong.stdout, wrong.stdout
+        bad = celery(env, "control", "set_batching", "prio", "0", "-d", node, "-t", "5")
+        assert "max_batch_size must be >= 1" in bad.stdout, bad.stdout
+    finally:
+        worker.stop()

@@ -1,0 +1,56 @@
+"""Our remote-control commands, beside Celery's own (``celery -A workers inspect|control ...``).
+
+* ``celery -A workers inspect batching``: each worker's model and batching figures (batches run,
+  mean batch size, items/s over the last minute, model time per batch p50/p95) and its limits;
+* ``celery -A workers control set_batching MODEL MAX_BATCH_SIZE [MAX_WAIT_MS]``: change a model's
+  batch limits on its live workers (workers serving another model answer that they skipped it).
+  The change lasts until the worker restarts; the models file stays the source of truth.
+"""
+
+from __future__ import annotations
+
+from time import monotonic
+
+from celery.worker.control import control_command, inspect_command
+
+TASK_NAME = "tasks.infer"
+
+
+def _task(state):
+    return state.consumer.app.tasks[TASK_NAME]
+
+
+@inspect_command()
+def batching(state):
+    """This worker's model, batch limits and batching figures."""
+    from workers import state as worker_state
+
+    task = _task(state)
+    spec = worker_state.spec
+    return {"model": spec.name if spec else None,
+            "max_batch_size": task.flush_every, "max_wait_ms": round(task.flush_interval * 1000, 3),
+            "prefetch": state.consumer.qos.value if state.consumer.qos else None,
+            **task.stats.summary(monotonic())}
+
+
+@control_command(
+    args=[("model", str), ("max_batch_size", int), ("max_wait_ms", float)],
+    signature="<model> <max_batch_size> [max_wait_ms]",
+)
+def set_batching(state, model, max_batch_size, max_wait_ms=None):
+    """Change the batch limits of ``model`` on this worker, if it serves that model."""
+    from workers import state as worker_state
+
+    spec = worker_state.spec
+    if spec is None or spec.name != model:
+        return {"ok": f"skipped: this worker serves {spec.name if spec else None!r}"}
+    task = _task(state)
+    wait_ms = task.flush_interval * 1000 if max_wait_ms is None else max_wait_ms
+    try:
+        task.configure(int(max_batch_size), float(wait_ms))
+    except ValueError as exc:
+        return {"error": str(exc)}
+    qos = state.consumer.qos
+    if qos is not None and qos.value < 2 * task.flush_every:  # room to buffer two batches
+        qos.set(2 * task.flush_every)
+    return {"ok": f"{model}: max_batch_size={task.flush_every} max_wait_ms={round(task.flush_interval * 1000, 3)}"}
