@@ -137,7 +137,8 @@ def _run_group(runner, group: list[Outcome], max_items: int, singles: dict[str, 
 
 class BatchStats:
     """A worker's batching figures, as ``celery inspect batching`` shows them: batches run, mean
-    batch size, items/s over the last ``window_s`` seconds, model time per batch p50/p95."""
+    batch size, items/s over the last ``window_s`` seconds (and per second of model time), model
+    time per batch p50/p95 (over the last ``keep`` batches)."""
 
     def __init__(self, window_s: float = 60.0, keep: int = 1000):
         from collections import deque
@@ -160,6 +161,8 @@ class BatchStats:
         >>> s.record(4, 8, 20.0, now=100.0); s.record(2, 2, 10.0, now=105.0); s.record(0, 0, 0, now=106)
         >>> s.summary(now=110.0)["mean_batch_size"], s.summary(now=110.0)["items_per_s"]
         (3.0, 1.0)
+        >>> s.summary(now=110.0)["items_per_busy_s"]  # 10 items in 30 ms of model time
+        333.33
         """
         recent = [r for r in self._recent if now - r[0] <= self.window_s]
         times = sorted(r[2] for r in self._recent)
@@ -172,6 +175,9 @@ class BatchStats:
             "mean_batch_size": round(self.jobs / self.batches, 2) if self.batches else None,
             "mean_inputs_per_batch": round(self.inputs / self.batches, 2) if self.batches else None,
             "items_per_s": round(sum(r[1] for r in recent) / self.window_s, 2),
+            # the rate while the model runs: what the worker could sustain with a backlog
+            "items_per_busy_s": (round(sum(r[1] for r in recent) / (sum(r[2] for r in recent) / 1000), 2)
+                                 if recent and sum(r[2] for r in recent) > 0 else None),
             "window_s": self.window_s,
             "inference_ms_p50": pct(0.5), "inference_ms_p95": pct(0.95),
         }
