@@ -1,5 +1,5 @@
 # The two commands: `make up` (set up and start everything) and `make test` (set up and run the tests).
-.PHONY: up down test restart logs ps clean prefetch chaos
+.PHONY: up down test restart logs ps clean prefetch chaos status load
 VAR_DIR ?= var
 
 up:
@@ -23,6 +23,20 @@ chaos:
 prefetch:
 	@bash scripts/bootstrap.sh
 	@.venv/bin/python scripts/prefetch.py
+
+# Locust against a running stack (`make up`): quiet, burst, quiet (locustfile.py lists the LOAD_* knobs);
+# CSV and HTML reports in $(VAR_DIR)/load/. LOAD_RUN_TIME caps the run.
+LOAD_HOST ?= http://127.0.0.1:8000
+LOAD_RUN_TIME ?= 10m
+load:
+	@bash scripts/bootstrap.sh
+	@mkdir -p $(VAR_DIR)/load
+	@.venv/bin/locust -f locustfile.py --headless --host $(LOAD_HOST) --run-time $(LOAD_RUN_TIME) \
+		--csv $(VAR_DIR)/load/stats --html $(VAR_DIR)/load/report.html $(LOAD_ARGS)
+
+# Workers, queues by priority, jobs/s and recent failures, read from Redis (STATUS_ARGS=--watch, --json).
+status:
+	@.venv/bin/python scripts/status.py $(STATUS_ARGS)
 
 ps:
 	@.venv/bin/supervisorctl -c $(VAR_DIR)/supervisord.conf status
