@@ -22,6 +22,8 @@ _CELERY_STATE = {"succeeded": "SUCCESS", "failed": "FAILURE", "cancelled": "REVO
 
 EXPIRED = {"type": "Expired", "message": "the job's deadline passed before it started"}
 CANCELLED = {"type": "Cancelled", "message": "cancelled by the client"}
+FAILURES_KEY = "failures:recent"
+REVOKED = {"type": "Revoked", "message": "revoked by an operator (celery control revoke)"}
 
 # Shared by the scripts: a job leaving queued/retrying no longer counts as waiting.
 _LEAVE_WAITING = """
@@ -267,15 +269,16 @@ class JobStore:
     def owner(self, job_id: str) -> str | None:
         return self.r.hget(self.key(job_id), "owner")
 
-    def cancel(self, job_id: str, now: float | None = None) -> tuple[bool, str | None]:
+    def cancel(self, job_id: str, now: float | None = None,
+               error: dict[str, str] = CANCELLED) -> tuple[bool, str | None]:
         """Cancel a queued job: (whether this call cancelled it, its status; None if no job)."""
         status = self._cancel(keys=[self.key(job_id)],
-                              args=[repr(time.time() if now is None else now), json.dumps(CANCELLED)])
+                              args=[repr(time.time() if now is None else now), json.dumps(error)])
         if status != "now-cancelled":
             return False, status
         model, priority = self.r.hmget(self.key(job_id), "model", "priority")
         self.finish([{"id": job_id, "status": "cancelled", "model": model, "priority": priority,
-                      "error": CANCELLED, "recorded": True}])
+                      "error": error, "recorded": True}])
         return True, "cancelled"
 
     def counters(self) -> tuple[dict[str, str], dict[str, str]]:
@@ -350,6 +353,12 @@ class JobStore:
                 if outcome.get("model"):
                     pipe.hincrby("stats:finished",
                                  f"{outcome['model']}|{outcome.get('priority') or 'normal'}|{status}", 1)
+                if status == "failed":  # the last 100 failures, for make status
+                    err = outcome.get("error") or {}
+                    pipe.lpush(FAILURES_KEY, json.dumps({
+                        "id": job_id, "model": outcome.get("model"), "priority": outcome.get("priority") or "normal",
+                        "type": err.get("type"), "message": str(err.get("message", ""))[:300], "at": now}))
+                    pipe.ltrim(FAILURES_KEY, 0, 99)
             if not outcome.get("recorded"):
                 pipe.expire(self.key(job_id), self.ttl_s)
         pipe.execute()

@@ -22,6 +22,7 @@ from time import monotonic
 from typing import Any, Collection
 
 from celery import signals
+from celery.worker.state import revoked as revoked_tasks
 from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
 from kombu.asynchronous.timer import to_timestamp
@@ -104,6 +105,24 @@ class ModelBatches(Batches):
             return False
         return eta <= monotonic()  # to_timestamp maps onto the monotonic clock
 
+    def _revoked(self, request) -> bool:
+        """``celery control revoke ID``: a job not started yet ends ``cancelled`` and never runs (one
+        already running, a redelivery, runs on: a batch cannot be stopped halfway)."""
+        if request.id not in revoked_tasks:
+            return False
+        from tasks.store import REVOKED, TERMINAL
+        from workers import state
+
+        try:
+            cancelled, status = state.store().cancel(request.id, error=REVOKED)
+        except Exception:  # Redis down: keep it; the next flush looks again
+            log.exception("could not cancel revoked job %s", request.id)
+            return False
+        if cancelled or status in TERMINAL or status is None:
+            request.revoked()  # Celery's part: task-revoked event, ack
+            return True
+        return False
+
     def _do_flush(self) -> None:
         if self._pool is None or self._busy():
             return  # called again when the running batch returns
@@ -112,7 +131,9 @@ class ModelBatches(Batches):
         for request in waiting:
             if request.eta and not self._ready(request):
                 self._pending.put(request)
-            elif not request.acknowledged:
+            elif request.acknowledged or self._revoked(request):
+                continue
+            else:
                 ready.append(request)
         batch, rest = plan(ready, self.flush_every, _priority, _inputs)
         for request in rest:

@@ -203,3 +203,12 @@ def test_inputs_live_in_the_record_until_the_job_ends(store):
     assert got == {job_id: ["a", {"image_b64": "xyz"}]}
     store.finish([{"id": job_id, "status": "succeeded", "result": [1, 2], "model": "m", "priority": "normal"}])
     assert store.r.hget(store.key(job_id), "inputs") is None
+
+
+def test_the_last_failures_are_kept_for_make_status(store):
+    job_id = new_job(store)
+    store.claim([job_id], "w", 1, 5)
+    store.finish([{"id": job_id, "status": "failed", "model": "m", "priority": "high",
+                   "error": {"type": "ValueError", "message": "boom"}}])
+    latest = json.loads(store.r.lindex("failures:recent", 0))
+    assert latest["id"] == job_id and latest["type"] == "ValueError" and latest["model"] == "m"
