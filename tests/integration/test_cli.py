@@ -62,3 +62,25 @@ def test_celery_inspect_and_our_batching_commands(client, stack_env, stack_dir, 
         assert "max_batch_size must be >= 1" in bad.stdout, bad.stdout
     finally:
         worker.stop()
+
+
+def test_celery_control_revoke_cancels_a_job_that_has_not_started(client, stack_env, stack_dir, redis_url):
+    import os
+
+    from tests.procs import wait_until
+
+    env = {**os.environ, **stack_env}
+    worker = start_worker("slow", stack_env, stack_dir)  # 3 s a batch of up to 4
+    try:
+        worker_ready(redis_url, "slow", worker)
+        ids = [client.submit("slow", f"revoke {i}")["id"] for i in range(6)]
+        wait_until(lambda: client.get(f"/jobs/{ids[0]}").json()["status"] == "running", 30, "first batch")
+        out = celery(env, "control", "revoke", ids[-1])
+        assert out.returncode == 0, out.stderr + out.stdout
+        jobs = [client.wait(i, timeout=30) for i in ids]
+    finally:
+        worker.stop()
+    assert all(j["status"] == "succeeded" for j in jobs[:-1]), jobs
+    revoked = jobs[-1]
+    assert revoked["status"] == "cancelled" and revoked["error"]["type"] == "Revoked", revoked
+    assert revoked["attempts"] == 0 and revoked["started_at"] is None
