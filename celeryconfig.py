@@ -58,3 +58,5 @@ worker_send_task_events = True
 task_send_sent_event = True
 worker_hijack_root_logger = False
 worker_cancel_long_running_tasks_on_connection_loss = False
+#: `celery control pool_restart` starts fresh pool processes (the model loads again in each).
+worker_pool_restarts = True

@@ -84,3 +84,40 @@ def test_celery_control_revoke_cancels_a_job_that_has_not_started(client, stack_
     revoked = jobs[-1]
     assert revoked["status"] == "cancelled" and revoked["error"]["type"] == "Revoked", revoked
     assert revoked["attempts"] == 0 and revoked["started_at"] is None
+
+
+def test_celery_control_cancel_and_add_consumer_pool_restart_and_shutdown(client, stack_env, stack_dir, redis_url):
+    import os
+
+    env = {**os.environ, **stack_env}
+    worker = start_worker("prio", stack_env, stack_dir)
+    try:
+        worker_ready(redis_url, "prio", worker)
+        node = next(n.decode() for n in redis.Redis.from_url(redis_url).hkeys("workers:prio")
+                    if worker.name in n.decode())
+        first = client.run("prio", "before")["result"]["pid"]
+
+        out = celery(env, "control", "cancel_consumer", "jobs.prio", "-d", node, "-t", "5")
+        assert out.returncode == 0 and "no longer consuming from" in out.stdout, out.stdout + out.stderr
+        held = client.submit("prio", "while drained")["id"]
+        import time
+
+        time.sleep(2)
+        assert client.get(f"/jobs/{held}").json()["status"] == "queued"  # nobody takes it
+        out = celery(env, "control", "add_consumer", "jobs.prio", "-d", node, "-t", "5")
+        assert out.returncode == 0 and "add consumer" in out.stdout, out.stdout + out.stderr
+        assert client.wait(held)["status"] == "succeeded"
+
+        out = celery(env, "control", "pool_restart", "-d", node, "-t", "10")
+        assert out.returncode == 0 and "reload started" in out.stdout, out.stdout + out.stderr
+        from tests.procs import wait_until
+
+        after = wait_until(lambda: (j := client.run("prio", "after restart"))["result"]["pid"] != first and j,
+                           60, "a job on a new pool process")
+        assert after["status"] == "succeeded"
+
+        celery(env, "control", "shutdown", "-d", node, "-t", "2")  # (a worker shutting down does not reply)
+        wait_until(lambda: not worker.alive(), 60, "warm shutdown")
+        assert worker.popen.returncode == 0
+    finally:
+        worker.stop()
