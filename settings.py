@@ -85,6 +85,10 @@ def _range_ms(name: str) -> tuple[float, float]:
 FAULT_CRASH_PROBABILITY = _probability("FAULT_CRASH_PROBABILITY")
 #: ... and a random delay added to every batch, "MS" or "MIN-MAX" in milliseconds.
 FAULT_DELAY_MS = _range_ms("FAULT_DELAY_MS")
+#: Log lines: "json" (one JSON object per line, the default) or "text".
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "json")
+if LOG_FORMAT not in ("json", "text"):
+    raise ValueError(f"LOG_FORMAT must be json or text, got {LOG_FORMAT!r}")
 #: Device for models that do not name one: auto (CUDA when available), cpu or cuda.
 DEVICE = os.environ.get("DEVICE", "auto")
 if DEVICE not in ("auto", "cpu", "cuda") and not (DEVICE.startswith("cuda:") and DEVICE[5:].isdigit()):

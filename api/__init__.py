@@ -35,7 +35,11 @@ def create_app(test_config: dict | None = None) -> Flask:
     auth.init_auth(app)
     for module in (jobs, models, health, metrics, openapi):
         app.register_blueprint(module.bp)
-    logging.getLogger(__name__).info("API serving models %s", app.extensions["registry"].names())
+    import logs
+
+    logs.configure_api()
+    logging.getLogger(__name__).info("API serving models %s", app.extensions["registry"].names(),
+                                     extra={"event": "api.start", "models": app.extensions["registry"].names()})
     return app
 
 

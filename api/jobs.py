@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -13,6 +14,7 @@ from api.validation import check_items, parse_submission
 from celeryconfig import PRIORITIES
 
 bp = Blueprint("jobs", __name__)
+log = logging.getLogger(__name__)
 TASK_NAME = "tasks.infer"
 
 
@@ -87,6 +89,9 @@ def submit():
     except Exception:
         _undo(store, job_id, spec.name, sub.priority, idem_key, created)
         raise
+    log.info("job %s submitted", job_id, extra={
+        "event": "job.submitted", "job_id": job_id, "model": spec.name, "priority": sub.priority,
+        "n_inputs": len(sub.items), "timeout_s": sub.timeout_s, "owner": g.owner or None})
     return _accepted({"id": job_id, "status": "queued", "model": spec.name, "priority": sub.priority})
 
 

@@ -587,8 +587,8 @@ def worker_activity(var: Path) -> dict[str, str]:
     out = {}
     for path in sorted((var / "log").glob("worker-*.log")):
         lines = path.read_text(errors="replace").splitlines()
-        batches = [line for line in lines if re.search(r"\] batch of \d+ \(", line)]
-        stamped = [line for line in lines if line.startswith("[20")]
+        batches = [line for line in lines if re.search(r"batch of \d+ \(", line)]  # text or JSON lines
+        stamped = [line for line in lines if line.startswith(("[20", '{"time"'))]
         out[path.stem] = (f"last batch: {batches[-1][:140] if batches else 'none'} | "
                           f"last line: {stamped[-1][:140] if stamped else 'none'}")
     return out

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import time
+import uuid
 from typing import Any
 
 import settings
@@ -77,6 +78,7 @@ def infer(self, requests) -> dict[str, Any]:
     store = state.store()
     hostname = requests[0].hostname if requests else "worker"
     started = time.time()
+    batch_id = uuid.uuid4().hex[:12]  # ties a batch's log lines together
     stored_inputs: dict[str, list] = {}
     verdicts = store.claim([r.id for r in requests], hostname, len(requests), settings.MAX_DELIVERIES,
                            now=started, inputs=stored_inputs)
@@ -123,11 +125,14 @@ def infer(self, requests) -> dict[str, Any]:
         run_s += time.time() - group_started
         items = settled + _items(outcomes, attempts)
         settled = []
-        done += _settle(self, store, hostname, items, by_id, attempts, time.time() - group_started)
+        done += _settle(self, store, hostname, items, by_id, attempts, time.time() - group_started, batch_id)
     if n_run:
         _record_speed(store, spec.name, hostname, (time.time() - started) / n_run)
     log.info("batch of %d (%d run, %d alone) in %.1f ms", len(requests), n_run,
-             len(suspects) + len(culprits), (time.time() - started) * 1000)
+             len(suspects) + len(culprits), (time.time() - started) * 1000, extra={
+                 "event": "batch.done", "batch_id": batch_id, "model": spec.name if spec else None,
+                 "worker": hostname, "jobs": len(requests), "run": n_run, "alone": len(suspects) + len(culprits),
+                 "model_ms": round(run_s * 1000, 2), "total_ms": round((time.time() - started) * 1000, 2)})
     # What the worker's main process acks, and its batching figures (celery inspect batching).
     return {"ids": done, "jobs": n_run, "inputs": sum(len(job.items) for group in groups for job in group),
             "run_ms": round(run_s * 1000, 3)}
@@ -143,7 +148,8 @@ def _items(outcomes: list[Outcome], attempts: dict[str, int]) -> list[dict[str, 
     return items
 
 
-def _settle(task, store, hostname: str, items: list[dict[str, Any]], by_id, attempts, runtime: float) -> list[str]:
+def _settle(task, store, hostname: str, items: list[dict[str, Any]], by_id, attempts, runtime: float,
+            batch_id: str = "") -> list[str]:
     """Store what happened to ``items`` (one round trip, two with retries), send their events;
     returns their ids (safe to ack now). Raises if Redis is gone: then nothing is acked."""
     if not items:
@@ -162,6 +168,12 @@ def _settle(task, store, hostname: str, items: list[dict[str, Any]], by_id, atte
     if final:
         store.finish(final)
     for item in items:
+        err = item.get("error") or {}
+        log.info("job %s %s", item["id"], item["status"], extra={
+            "event": "job.finished" if item["status"] != "retrying" else "job.retrying",
+            "job_id": item["id"], "model": item.get("model"), "priority": item.get("priority"),
+            "worker": hostname, "batch_id": batch_id, "status": item["status"], "attempt": attempts.get(item["id"]),
+            "error_type": err.get("type"), "run_ms": round(runtime * 1000, 2)})
         if item["status"] == "succeeded":
             _send(hostname, "task-succeeded", uuid=item["id"], runtime=runtime, result="<stored>")
         elif item["status"] in ("failed", "expired"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 
-from celery import Celery, bootsteps
+from celery import Celery, bootsteps, signals
 from click import Option
 
 import settings
@@ -124,5 +124,14 @@ class Heartbeat(bootsteps.StartStopStep):
 
 
 app = make_celery()
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger=None, **_):
+    import logs
+
+    logs.use_formatter(logger)
+
 
 from workers import control  # noqa: E402,F401  (registers our remote-control commands)

@@ -62,9 +62,13 @@ def test_every_job_sends_its_own_task_events(client, redis_url):
         with app.connection() as conn:
             receiver = app.events.Receiver(conn, handlers={"*": events.append})
             ready.set()
-            for _ in receiver.itercapture(limit=None, timeout=1.0, wakeup=True):
-                if stop.is_set():
-                    break
+            while not stop.is_set():
+                try:
+                    for _ in receiver.itercapture(limit=None, timeout=1.0, wakeup=True):
+                        if stop.is_set():
+                            break
+                except TimeoutError:  # a quiet second: listen again until told to stop
+                    continue
 
     thread = threading.Thread(target=capture, daemon=True)
     thread.start()
