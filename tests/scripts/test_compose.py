@@ -39,8 +39,17 @@ def test_every_service_runs_what_make_up_runs(compose):
     for name, command in expected.items():
         assert _command(services[name]) == command, name
     # one worker service per shipped model, and nothing else runs our code unexamined
-    ours = {name for name, svc in services.items() if svc.get("build") or svc.get("image", "").startswith("inference")}
+    ours = {name for name, svc in services.items()
+            if (svc.get("build") or svc.get("image", "").startswith("inference")) and not svc.get("profiles")}
     assert ours == set(expected)
+
+
+def test_locust_runs_the_locustfile_under_a_profile(compose):
+    locust = compose["services"]["locust"]
+    assert locust["profiles"] == ["load"]
+    assert _command(locust) == "locust -f locustfile.py --host http://api:8000"
+    assert (ROOT / "locustfile.py").exists()
+    assert all(port.startswith("127.0.0.1:") for port in locust["ports"])
 
 
 def test_redis_has_a_password_persistence_and_a_health_check_and_is_not_published(compose):
@@ -52,7 +61,7 @@ def test_redis_has_a_password_persistence_and_a_health_check_and_is_not_publishe
     assert "ports" not in redis
     assert redis["healthcheck"]["test"] and redis["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD")
     for name, service in compose["services"].items():
-        if name != "redis":
+        if name not in ("redis", "locust"):  # locust talks to the API only
             assert service["environment"]["REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?"), name
             assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
 
@@ -69,6 +78,7 @@ def test_every_setting_module_and_file_named_exists(compose):
     known |= set(re.findall(r'_(?:int|list|probability|range_ms)\("([A-Z_]+)"', settings_src))
     known |= set(re.findall(r'os\.environ\.get\("([A-Z_]+)"', settings_src))
     known |= {"TOKENIZERS_PARALLELISM", "TORCH_HOME", "HF_HOME", "HF_HUB_OFFLINE"}  # read by libraries
+    known |= set(re.findall(r'"(API_KEY|LOAD_[A-Z_]+)"', (ROOT / "locustfile.py").read_text()))
     for name, service in compose["services"].items():
         if name == "redis":
             continue
