@@ -23,12 +23,12 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
+from kombu.utils.url import maybe_sanitize_url  # noqa: E402
 
 import celeryconfig  # noqa: E402
 import settings  # noqa: E402
@@ -41,11 +41,7 @@ PRIORITIES = list(celeryconfig.PRIORITIES)  # high, normal, low
 
 def redact(url: str) -> str:
     """The URL without its password."""
-    parts = urlparse(url)
-    if parts.password:
-        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        parts = parts._replace(netloc=netloc)
-    return urlunparse(parts)
+    return maybe_sanitize_url(url, mask="***")
 
 
 def sample(store: JobStore, models: list[str], n_failures: int) -> dict:

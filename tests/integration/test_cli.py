@@ -21,15 +21,25 @@ def inspect_json(env: dict, node: str, command: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])[node]
 
 
+def start_ready_worker(model: str, stack_env: dict, stack_dir, redis_url: str):
+    """A worker of its own for ``model``, heartbeating; (its process, its node name)."""
+    worker = start_worker(model, stack_env, stack_dir)
+    try:
+        worker_ready(redis_url, model, worker)
+        node = next(n.decode() for n in redis.Redis.from_url(redis_url).hkeys(f"workers:{model}")
+                    if worker.name in n.decode())
+    except BaseException:
+        worker.stop()
+        raise
+    return worker, node
+
+
 def test_celery_inspect_and_our_batching_commands(client, stack_env, stack_dir, redis_url):
     import os
 
     env = {**os.environ, **stack_env}
-    worker = start_worker("prio", stack_env, stack_dir)
+    worker, node = start_ready_worker("prio", stack_env, stack_dir, redis_url)
     try:
-        worker_ready(redis_url, "prio", worker)
-        node = next(n.decode() for n in redis.Redis.from_url(redis_url).hkeys("workers:prio")
-                    if worker.name in n.decode())
         for i in range(6):
             client.run("prio", f"warm {i}")
 
@@ -90,11 +100,8 @@ def test_celery_control_cancel_and_add_consumer_pool_restart_and_shutdown(client
     import os
 
     env = {**os.environ, **stack_env}
-    worker = start_worker("prio", stack_env, stack_dir)
+    worker, node = start_ready_worker("prio", stack_env, stack_dir, redis_url)
     try:
-        worker_ready(redis_url, "prio", worker)
-        node = next(n.decode() for n in redis.Redis.from_url(redis_url).hkeys("workers:prio")
-                    if worker.name in n.decode())
         first = client.run("prio", "before")["result"]["pid"]
 
         out = celery(env, "control", "cancel_consumer", "jobs.prio", "-d", node, "-t", "5")
