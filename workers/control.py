@@ -34,7 +34,9 @@ def batching(state):
 
 
 @control_command(
-    args=[("model", str), ("max_batch_size", int), ("max_wait_ms", float)],
+    # Numbers arrive as text and are checked here: typed args would make the CLI itself crash with a
+    # traceback on "abc"; this way the worker answers with a clear error.
+    args=[("model", str), ("max_batch_size", str), ("max_wait_ms", str)],
     signature="<model> <max_batch_size> [max_wait_ms]",
 )
 def set_batching(state, model, max_batch_size, max_wait_ms=None):
@@ -45,9 +47,14 @@ def set_batching(state, model, max_batch_size, max_wait_ms=None):
     if spec is None or spec.name != model:
         return {"ok": f"skipped: this worker serves {spec.name if spec else None!r}"}
     task = _task(state)
-    wait_ms = task.flush_interval * 1000 if max_wait_ms is None else max_wait_ms
     try:
-        task.configure(int(max_batch_size), float(wait_ms))
+        size = int(max_batch_size)
+        wait_ms = task.flush_interval * 1000 if max_wait_ms is None else float(max_wait_ms)
+    except (TypeError, ValueError):
+        return {"error": f"max_batch_size must be an integer and max_wait_ms a number of milliseconds, "
+                         f"got {max_batch_size!r} and {max_wait_ms!r}"}
+    try:
+        task.configure(size, wait_ms)
     except ValueError as exc:
         return {"error": str(exc)}
     qos = state.consumer.qos

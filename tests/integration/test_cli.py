@@ -70,6 +70,9 @@ def test_celery_inspect_and_our_batching_commands(client, stack_env, stack_dir, 
         assert "skipped" in wrong.stdout, wrong.stdout
         bad = celery(env, "control", "set_batching", "prio", "0", "-d", node, "-t", "5")
         assert "max_batch_size must be >= 1" in bad.stdout, bad.stdout
+        text = celery(env, "control", "set_batching", "prio", "abc", "-d", node, "-t", "5")
+        assert text.returncode == 0 and "max_batch_size must be an integer" in text.stdout, text.stdout + text.stderr
+        assert inspect_json(env, node, "batching")["max_batch_size"] == 2  # unchanged
     finally:
         worker.stop()
 
