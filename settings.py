@@ -107,3 +107,11 @@ API_THREADS = _int("API_THREADS", 16)
 FLOWER_HOST = os.environ.get("FLOWER_HOST", "127.0.0.1")
 FLOWER_PORT = _int("FLOWER_PORT", 5555)
 FLOWER_BASIC_AUTH = os.environ.get("FLOWER_BASIC_AUTH", "")
+
+# -- metrics (Prometheus) ------------------------------------------------------
+#: A worker serves /metrics on this port (0: it serves none). make up gives its workers 9410, 9411, ...
+WORKER_METRICS_PORT = _int("WORKER_METRICS_PORT", 0)
+#: ... on this address: loopback by default (compose sets 0.0.0.0 on its private network).
+WORKER_METRICS_HOST = os.environ.get("WORKER_METRICS_HOST", "127.0.0.1")
+#: Where the API's and each worker's processes write their samples (one subdirectory per server).
+METRICS_DIR = os.environ.get("METRICS_DIR", os.path.join(VAR_DIR, "metrics"))

@@ -32,6 +32,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     from api import auth, errors, health, jobs, metrics, models, openapi
 
     errors.register_error_handlers(app)
+    metrics.init_request_metrics(app)  # first, so that refused keys are timed and counted too
     auth.init_auth(app)
     for module in (jobs, models, health, metrics, openapi):
         app.register_blueprint(module.bp)

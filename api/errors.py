@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, jsonify, request
+from flask import Flask, g, has_request_context, jsonify, request
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
@@ -73,6 +73,8 @@ class Unavailable(APIError):
 
 
 def _respond(error: APIError):
+    if has_request_context():
+        g.error_type = error.type  # for the API's metrics (api_jobs_rejected_total)
     response = jsonify(error.to_dict())
     response.status_code = error.status
     for name, value in error.headers.items():

@@ -68,7 +68,14 @@ FORWARDED = (
     "JOB_TTL_S", "MAX_DELIVERIES", "MAX_RETRIES", "TORCH_THREADS", "DEVICE", "VISIBILITY_TIMEOUT_S",
     "WORKER_CONCURRENCY", "TORCH_HOME", "HF_HOME", "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES",
     "FAULT_CRASH_PROBABILITY", "FAULT_DELAY_MS", "LOST_MESSAGE_AFTER_S", "LOST_SWEEP_EVERY_S", "LOG_FORMAT",
+    "METRICS_DIR", "WORKER_METRICS_HOST",
 )
+
+
+def metrics_ports(registry: Registry) -> dict[str, int]:
+    """Each worker's /metrics port: WORKER_METRICS_PORT (default 9410), then one up per model."""
+    first = settings.WORKER_METRICS_PORT or 9410
+    return {spec.name: first + i for i, spec in enumerate(registry)}
 
 
 def _quote(name: str, value: str) -> str:
@@ -108,11 +115,13 @@ def render(registry: Registry, credential: str) -> None:
                     settings.API_WORKERS, settings.API_THREADS, f"{ROOT}/")
     programs.append(("api", cmds["api"], 20, 30,
                      {**common, "MODELS_FILE": settings.MODELS_FILE, "MODELS": ",".join(served)}))
+    ports = metrics_ports(registry)
     for spec in registry:
         entry = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]  # restart when the entry changes
         programs.append((f"worker-{spec.name}", cmds[f"worker-{spec.name}"], 30, 60,
                          {**common, "MODELS_FILE": settings.MODELS_FILE, "MODELS": spec.name,
-                          "TORCH_THREADS": threads, "MODEL_ENTRY_SHA": entry}))
+                          "TORCH_THREADS": threads, "MODEL_ENTRY_SHA": entry,
+                          "WORKER_METRICS_PORT": str(ports[spec.name])}))
     programs.append(("flower", cmds["flower"], 40, 10,
                      {**common, "FLOWER_BASIC_AUTH": credential, "FLOWER_HOST": settings.FLOWER_HOST,
                       "FLOWER_PORT": str(settings.FLOWER_PORT)}))
@@ -130,6 +139,23 @@ def render(registry: Registry, credential: str) -> None:
                 "killasgroup=true", "redirect_stderr=true", f"stdout_logfile={LOGS / (name + '.log')}",
                 "stdout_logfile_maxbytes=20MB", "stdout_logfile_backups=3", ""]
     CONF.write_text("\n".join(out))
+    write_prometheus_config(ports)
+
+
+def write_prometheus_config(ports: dict[str, int]) -> None:
+    """var/prometheus.yml: a scrape config for this stack (the API and every worker), ready for
+    ``prometheus --config.file var/prometheus.yml``; grafana/dashboard.json charts what it scrapes."""
+    host = "127.0.0.1" if settings.WORKER_METRICS_HOST in ("0.0.0.0", "::") else settings.WORKER_METRICS_HOST
+    api_job = {"job_name": "inference-api", "static_configs": [{"targets": [f"127.0.0.1:{settings.API_PORT}"]}]}
+    if settings.API_KEYS:
+        api_job["authorization"] = {"type": "Bearer", "credentials": settings.API_KEYS[0]}
+    config = {"global": {"scrape_interval": "5s"}, "scrape_configs": [api_job, {
+        "job_name": "inference-workers",
+        "static_configs": [{"targets": [f"{host}:{port}"], "labels": {"model": name}}
+                           for name, port in ports.items()]}]}
+    path = VAR / "prometheus.yml"
+    path.write_text("# Written by make up (scripts/stack.py). JSON is YAML.\n" + json.dumps(config, indent=2) + "\n")
+    path.chmod(0o600)
 
 
 #: Room for long headers and URLs so the API (not gunicorn, in HTML) answers them with JSON errors.
@@ -140,9 +166,9 @@ def commands(models: list[str], bin_dir: str, api_bind: str, api_workers: int, a
              root: str = "") -> dict[str, str]:
     """The command line of each program, by program name: the one place they are written, read by
     ``render`` (supervisord) and checked against docker-compose.yml by the tests."""
-    out = {"api": f"{bin_dir}gunicorn --bind {api_bind} --workers {api_workers} --worker-class gthread "
-                  f"--threads {api_threads} --timeout 60 --graceful-timeout 30 {GUNICORN_LIMITS} "
-                  f"--access-logfile - wsgi:app"}
+    out = {"api": f"{bin_dir}gunicorn --config {root}gunicorn_conf.py --bind {api_bind} --workers {api_workers} "
+                  f"--worker-class gthread --threads {api_threads} --timeout 60 --graceful-timeout 30 "
+                  f"{GUNICORN_LIMITS} --access-logfile - wsgi:app"}
     for name in models:
         out[f"worker-{name}"] = (f"{bin_dir}celery -A workers worker --model {name} --loglevel INFO "
                                  f"--hostname worker-{name}@%h")
@@ -230,10 +256,12 @@ def up(args) -> None:
     if not supervisord_running():
         busy = [f"{name} port {port}" for name, port in
                 [("API", settings.API_PORT), ("Flower", settings.FLOWER_PORT)]
-                + ([("Redis", local_redis()[1])] if local_redis() else []) if port_busy("127.0.0.1", port)]
+                + ([("Redis", local_redis()[1])] if local_redis() else [])
+                + [(f"worker-{name} metrics", port) for name, port in metrics_ports(registry).items()]
+                if port_busy("127.0.0.1", port)]
         if busy:
             sys.exit(f"error: {', '.join(busy)} already in use by another program; stop it or set "
-                     "API_PORT / FLOWER_PORT / REDIS_URL")
+                     "API_PORT / FLOWER_PORT / REDIS_URL / WORKER_METRICS_PORT (the first worker's)")
         render(registry, credential)
         say("starting supervisord")
         # A minimal environment: programs see exactly the settings their config gives them,
@@ -269,12 +297,15 @@ def up(args) -> None:
             sys.exit(f"error: warm-up failed for {', '.join(failed)}. Everything is still running so you "
                      f"can look: logs in {LOGS}/, `make down` to stop.")
     host_note = "" if settings.API_HOST == "127.0.0.1" else f" (listening on {settings.API_HOST})"
+    workers_metrics = ", ".join(f"{name} :{port}" for name, port in metrics_ports(registry).items())
     print(f"""
 The system is up.
   API        {api}{host_note}   docs: {api}/docs   spec: {api}/openapi.json
   Flower     http://127.0.0.1:{settings.FLOWER_PORT}   login {credential}
   Redis      {celeryconfig.broker_url}
   Models     {', '.join(registry.names())}
+  Metrics    {api}/metrics and, per worker, {workers_metrics}
+             Prometheus scrape config: {VAR / 'prometheus.yml'}   Grafana dashboard: grafana/dashboard.json
   Logs       {LOGS}/   (supervisorctl: .venv/bin/supervisorctl -c {CONF} status)
 Try:
   curl -s -XPOST {api}/jobs -H 'content-type: application/json' -d '{{"model":"minilm","input":"hello world"}}'

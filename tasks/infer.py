@@ -17,6 +17,7 @@ import time
 import uuid
 from typing import Any
 
+import metrics
 import settings
 from celeryconfig import PRIORITIES
 from models.exceptions import ConfigError
@@ -80,8 +81,9 @@ def infer(self, requests) -> dict[str, Any]:
     started = time.time()
     batch_id = uuid.uuid4().hex[:12]  # ties a batch's log lines together
     stored_inputs: dict[str, list] = {}
+    created: dict[str, float] = {}
     verdicts = store.claim([r.id for r in requests], hostname, len(requests), settings.MAX_DELIVERIES,
-                           now=started, inputs=stored_inputs)
+                           now=started, inputs=stored_inputs, created=created)
     fresh, suspects, culprits, attempts, settled, acked = [], [], [], {}, [], []
     for request, (verdict, detail) in zip(requests, verdicts):
         kwargs = request.kwargs or {}
@@ -106,6 +108,9 @@ def infer(self, requests) -> dict[str, Any]:
             job = Job(request.id, list(items or []), bool(kwargs.get("single", True)))
             {"suspect": suspects, "culprit": culprits}.get(verdict, fresh).append(job)
             _send(hostname, "task-started", uuid=request.id)
+            if request.id in created:
+                _metric(lambda: metrics.worker().queue_wait.labels(spec.name, _priority(request)).observe(
+                    max(0.0, started - created[request.id])))
 
     n_run = len(fresh) + len(suspects) + len(culprits)
     if n_run:
@@ -121,11 +126,12 @@ def infer(self, requests) -> dict[str, Any]:
                         group[0].id, attempts[group[0].id])
             store.mark_alone(group[0].id)
         group_started = time.time()
-        outcomes = _run(group)
-        run_s += time.time() - group_started
+        outcomes, model_s = _run(group)
+        run_s += model_s
         items = settled + _items(outcomes, attempts)
         settled = []
-        done += _settle(self, store, hostname, items, by_id, attempts, time.time() - group_started, batch_id)
+        done += _settle(self, store, hostname, items, by_id, attempts, time.time() - group_started, batch_id,
+                        created)
     if n_run:
         _record_speed(store, spec.name, hostname, (time.time() - started) / n_run)
     log.info("batch of %d (%d run, %d alone) in %.1f ms", len(requests), n_run,
@@ -149,7 +155,7 @@ def _items(outcomes: list[Outcome], attempts: dict[str, int]) -> list[dict[str, 
 
 
 def _settle(task, store, hostname: str, items: list[dict[str, Any]], by_id, attempts, runtime: float,
-            batch_id: str = "") -> list[str]:
+            batch_id: str = "", created: dict[str, float] | None = None) -> list[str]:
     """Store what happened to ``items`` (one round trip, two with retries), send their events;
     returns their ids (safe to ack now). Raises if Redis is gone: then nothing is acked."""
     if not items:
@@ -157,7 +163,7 @@ def _settle(task, store, hostname: str, items: list[dict[str, Any]], by_id, atte
     for item in items:
         request = by_id[item["id"]]
         item["model"] = (request.kwargs or {}).get("model")
-        item["priority"] = PRIORITY_NAMES.get((request.delivery_info or {}).get("priority"), "normal")
+        item["priority"] = _priority(request)
     retries = [item for item in items if item["status"] == "retrying"]
     final = [item for item in items if item["status"] != "retrying"]
     if retries:
@@ -167,6 +173,7 @@ def _settle(task, store, hostname: str, items: list[dict[str, Any]], by_id, atte
             _republish(task, by_id[item["id"]], attempts[item["id"]])
     if final:
         store.finish(final)
+    _metric(lambda: _count(items, created or {}))
     for item in items:
         err = item.get("error") or {}
         log.info("job %s %s", item["id"], item["status"], extra={
@@ -213,19 +220,53 @@ def _inject_faults(n_jobs: int) -> None:
         os._exit(70)
 
 
-def _run(jobs: list[Job]) -> list[Outcome]:
+def _run(jobs: list[Job]) -> tuple[list[Outcome], float]:
+    """The jobs' outcomes, and the seconds spent in the model (not loading it)."""
     if not jobs:
-        return []
+        return [], 0.0
     try:
         runner = state.runner()
     except ConfigError as exc:  # the entry is wrong: every job fails now, with the entry's name
         log.error("model cannot be loaded: %s", exc)
-        return [Outcome(job.id, "failed", error=error_dict(exc)) for job in jobs]
+        return [Outcome(job.id, "failed", error=error_dict(exc)) for job in jobs], 0.0
     except Exception as exc:  # may pass (a hub that is down): retry with backoff, then fail
         log.exception("model failed to load")
         error = {"type": type(exc).__name__, "message": f"model {state.spec.name!r} failed to load: {exc}"}
-        return [Outcome(job.id, "retry", error=error) for job in jobs]
-    return execute(runner, jobs, state.spec.max_batch_size)
+        return [Outcome(job.id, "retry", error=error) for job in jobs], 0.0
+    started = time.perf_counter()
+    outcomes = execute(runner, jobs, state.spec.max_batch_size)
+    model_s = time.perf_counter() - started
+    _metric(lambda: _observe_batch(jobs, model_s))
+    return outcomes, model_s
+
+
+def _priority(request) -> str:
+    return PRIORITY_NAMES.get((request.delivery_info or {}).get("priority"), "normal")
+
+
+def _metric(record) -> None:
+    """Record a Prometheus sample; a metric never fails a batch."""
+    try:
+        record()
+    except Exception as exc:
+        log.debug("metric not recorded: %s", exc)
+
+
+def _observe_batch(jobs: list[Job], model_s: float) -> None:
+    m, name = metrics.worker(), state.spec.name
+    m.batch_size.labels(name).observe(len(jobs))
+    m.batch_inputs.labels(name).observe(sum(len(job.items) for job in jobs))
+    m.inference.labels(name).observe(model_s)
+
+
+def _count(items: list[dict[str, Any]], created: dict[str, float]) -> None:
+    """Each stored outcome by model, priority and status; end-to-end time for the jobs that ran."""
+    m, now = metrics.worker(), time.time()
+    for item in items:
+        labels = (item.get("model") or "?", item.get("priority") or "normal", item["status"])
+        m.jobs.labels(*labels).inc()
+        if item["status"] != "retrying" and item["id"] in created:
+            m.e2e.labels(*labels).observe(max(0.0, now - created[item["id"]]))
 
 
 def _republish(task, request, attempt: int) -> None:

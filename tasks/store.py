@@ -35,7 +35,7 @@ end
 """
 
 # KEYS[1] job hash. ARGV: now, worker, batch_size, max_deliveries, expired error, exhausted error.
-# -> {"run", attempts} | {"suspect", attempts} | {"culprit", attempts} | {"skip", status}
+# -> {"run", attempts, inputs, created_at} | {"suspect", ...} | {"culprit", ...} | {"skip", status}
 #    | {"expired"} | {"exhausted", attempts} | {"missing"}
 # "suspect": an earlier delivery started it and never finished (its process died) while it shared a
 # batch; "culprit": ... while it ran alone. Both are run alone from now on.
@@ -60,12 +60,13 @@ end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2],
            'batch_size', ARGV[3])
 redis.call('HDEL', KEYS[1], 'alone')
-local inputs = redis.call('HGET', KEYS[1], 'inputs') or ''
+local more = redis.call('HMGET', KEYS[1], 'inputs', 'created_at')
+local inputs, created = more[1] or '', more[2] or ''
 if st == 'running' then
-  if alone == '1' then return {'culprit', attempts, inputs} end
-  return {'suspect', attempts, inputs}
+  if alone == '1' then return {'culprit', attempts, inputs, created} end
+  return {'suspect', attempts, inputs, created}
 end
-return {'run', attempts, inputs}
+return {'run', attempts, inputs, created}
 """
 
 # KEYS[1] job hash. ARGV: now, error. -> 'now-cancelled', or the status it already had
@@ -291,9 +292,11 @@ class JobStore:
 
     # -- worker side ------------------------------------------------------
     def claim(self, job_ids: list[str], worker: str, batch_size: int, max_deliveries: int,
-              now: float | None = None, inputs: dict | None = None) -> list[tuple[str, int | str | None]]:
+              now: float | None = None, inputs: dict | None = None,
+              created: dict | None = None) -> list[tuple[str, int | str | None]]:
         """Atomically move each job to ``running``; one (verdict, detail) per job. Pass a dict as
-        ``inputs`` to get each job-to-run's stored inputs in it (job id -> list)."""
+        ``inputs`` to get each job-to-run's stored inputs in it (job id -> list), and one as
+        ``created`` to get when each was submitted (job id -> epoch seconds)."""
         now = repr(time.time() if now is None else now)
         exhausted = json.dumps({"type": "TooManyDeliveries",
                                 "message": f"delivered more than {max_deliveries} times without finishing; "
@@ -307,6 +310,10 @@ class JobStore:
             for job_id, row in zip(job_ids, rows):
                 if len(row) > 2 and row[2]:
                     inputs[job_id] = json.loads(row[2])
+        if created is not None:
+            for job_id, row in zip(job_ids, rows):
+                if len(row) > 3 and row[3]:
+                    created[job_id] = float(row[3])
         return [(row[0], row[1] if len(row) > 1 else None) for row in rows]
 
     def mark_alone(self, job_id: str) -> None:
@@ -424,6 +431,10 @@ class JobStore:
 
     def leave(self, model: str, worker: str) -> None:
         self.r.hdel(f"workers:{model}", worker)
+
+    def unfinished(self, model: str) -> int:
+        """How many of a model's jobs are queued, running or retrying."""
+        return int(self.r.zcard(live_key(model)))
 
     def live_workers(self, model: str, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now

@@ -126,9 +126,27 @@ def worker_ready(redis_url: str, model: str, proc: Proc, timeout_s: float = 120)
     wait_until(check, timeout_s, f"worker for {model}", interval=0.2)
 
 
-def start_api(env: dict[str, str], log_dir: Path) -> tuple[Proc, str]:
+def start_ready_worker(model: str, env: dict, log_dir: Path, redis_url: str) -> tuple[Proc, str]:
+    """A worker of its own for ``model``, heartbeating; (its process, its node name)."""
+    import redis
+
+    worker = start_worker(model, env, log_dir)
+    try:
+        worker_ready(redis_url, model, worker)
+        node = next(n.decode() for n in redis.Redis.from_url(redis_url).hkeys(f"workers:{model}")
+                    if worker.name in n.decode())
+    except BaseException:
+        worker.stop()
+        raise
+    return worker, node
+
+
+def start_api(env: dict[str, str], log_dir: Path, workers: int = 2) -> tuple[Proc, str]:
+    """gunicorn as make up runs it (its config file: metrics across processes), on a free port."""
     port = free_port()
-    proc = Proc(f"api-{port}", [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "1",
+    env = {"METRICS_DIR": str(log_dir / "metrics"), **env}
+    proc = Proc(f"api-{port}", [str(VENV_BIN / "gunicorn"), "--config", str(ROOT / "gunicorn_conf.py"),
+                                "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
                                 "--worker-class", "gthread", "--threads", "16", "--timeout", "60",
                                 "--limit-request-line", "16384", "--limit-request-field_size", "32768",
                                 "wsgi:app"], env, log_dir)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 
 from celery import Celery, bootsteps, signals
@@ -19,6 +20,7 @@ def make_celery() -> Celery:
         ["--model"], default=None, help="Serve this model (a name from MODELS_FILE): "
         "consume its queue with its batch settings."))
     celery.steps["worker"].add(ModelBinding)
+    celery.steps["worker"].add(MetricsEndpoint)
     celery.steps["consumer"].add(Heartbeat)
     return celery
 
@@ -50,6 +52,40 @@ class ModelBinding(bootsteps.Step):
         worker.prefetch_multiplier = max(worker.prefetch_multiplier or 1,
                                          math.ceil(2 * spec.max_batch_size / concurrency))
         worker.app.tasks["tasks.infer"].configure(spec.max_batch_size, spec.max_wait_ms)
+        if settings.WORKER_METRICS_PORT:
+            # Before the pool forks: its processes write their samples where /metrics reads them.
+            import metrics
+
+            metrics.use_directory(os.path.join(settings.METRICS_DIR, worker.hostname))
+
+
+class MetricsEndpoint(bootsteps.StartStopStep):
+    """``WORKER_METRICS_PORT``: this worker's Prometheus metrics (all its pool processes' samples,
+    added up) on ``http://WORKER_METRICS_HOST:PORT/metrics``, served by a thread in the main process."""
+
+    def __init__(self, worker, **options):
+        super().__init__(worker, **options)
+        self.server = None
+
+    def start(self, worker):
+        from workers import state
+
+        if not settings.WORKER_METRICS_PORT or state.spec is None:
+            return
+        import metrics
+
+        host, port = settings.WORKER_METRICS_HOST, settings.WORKER_METRICS_PORT
+        try:
+            self.server = metrics.serve(port, host)
+        except OSError as exc:
+            raise SystemExit(f"error: cannot serve metrics on {host}:{port} (WORKER_METRICS_PORT): {exc}") from None
+        worker.app.log.get_default_logger().info("metrics on http://%s:%d/metrics", host, port)
+
+    def stop(self, worker):
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
 
 
 class Heartbeat(bootsteps.StartStopStep):

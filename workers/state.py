@@ -85,5 +85,13 @@ def runner():
                     raise
                 log.info("model %s ready: %.2fs load, %d torch threads, device %s",
                          spec.name, seconds, threads, candidate.device)
+                try:
+                    import metrics
+
+                    m = metrics.worker()
+                    m.model_load.labels(spec.name, str(candidate.device)).set(seconds)
+                    m.model_loads.labels(spec.name).inc()
+                except Exception as exc:  # a metric never stops a model from serving
+                    log.debug("model load metric not recorded: %s", exc)
                 _runner = candidate
     return _runner

@@ -48,6 +48,12 @@ source = "python:tests.fixtures.runners:EchoRunner"
 max_batch_size = 8
 max_wait_ms = 300
 
+[models.metered]
+task = "text-classification"
+source = "python:tests.fixtures.runners:EchoRunner"
+max_batch_size = 8
+max_wait_ms = 200
+
 [models.idle]
 task = "embedding"
 source = "python:tests.fixtures.runners:EchoRunner"
@@ -72,10 +78,10 @@ def models_file(stack_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def stack_env(redis_url, models_file) -> dict[str, str]:
+def stack_env(redis_url, models_file, stack_dir) -> dict[str, str]:
     return {"REDIS_URL": redis_url, "MODELS_FILE": str(models_file), "MODELS": "",
             "TORCH_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MAX_BODY_BYTES": str(2 * 1024 * 1024),
-            "MAX_RETRIES": "3"}
+            "MAX_RETRIES": "3", "METRICS_DIR": str(stack_dir / "metrics")}
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-import redis
-
-from tests.procs import ROOT, VENV_BIN, start_worker, worker_ready
+from tests.procs import ROOT, VENV_BIN, start_ready_worker, start_worker, worker_ready
 
 
 def celery(env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -19,19 +17,6 @@ def inspect_json(env: dict, node: str, command: str) -> dict:
     out = celery(env, "inspect", command, "--json", "-t", "5", "-d", node)
     assert out.returncode == 0, out.stderr + out.stdout
     return json.loads(out.stdout.strip().splitlines()[-1])[node]
-
-
-def start_ready_worker(model: str, stack_env: dict, stack_dir, redis_url: str):
-    """A worker of its own for ``model``, heartbeating; (its process, its node name)."""
-    worker = start_worker(model, stack_env, stack_dir)
-    try:
-        worker_ready(redis_url, model, worker)
-        node = next(n.decode() for n in redis.Redis.from_url(redis_url).hkeys(f"workers:{model}")
-                    if worker.name in n.decode())
-    except BaseException:
-        worker.stop()
-        raise
-    return worker, node
 
 
 def test_celery_inspect_and_our_batching_commands(client, stack_env, stack_dir, redis_url):

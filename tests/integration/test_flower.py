@@ -1,5 +1,5 @@
 """Real Flower against the session stack: basic auth always on, every worker and every job seen
-(per-job events from batching workers), queue lengths in the broker view."""
+(per-job events from batching workers), queue lengths per model and priority in the broker view."""
 
 from __future__ import annotations
 
@@ -60,9 +60,21 @@ def test_flower_needs_its_credential_and_shows_workers_jobs_and_queues(client, s
         names = set(workers)
         for model in ("minilm", "sentiment", "efficientnet-lite0", "flaky"):
             assert any(n.startswith(f"worker-{model}") for n in names), names
-        queues = requests.get(f"{base}/api/queues/length", auth=auth, timeout=30).json()["active_queues"]
-        assert {"jobs.minilm", "jobs.sentiment", "jobs.efficientnet-lite0"} <= {q["name"] for q in queues}
-        assert all(isinstance(q["messages"], int) for q in queues)
+        # The Broker view (and its API): every model's queue, a worker or not, per priority after the total.
+        waiting = [client.submit("idle", f"flower {p}", priority=p)["id"] for p in ("high", "high", "low")]
+        try:
+            queues = requests.get(f"{base}/api/queues/length", auth=auth, timeout=30).json()["active_queues"]
+            depth = {q["name"]: q["messages"] for q in queues}
+            assert {"jobs.minilm", "jobs.sentiment", "jobs.efficientnet-lite0"} <= set(depth)
+            assert all(isinstance(n, int) for n in depth.values())
+            for queue in ("jobs.minilm", "jobs.idle"):
+                assert depth[queue] == sum(depth[f"{queue} ({p})"] for p in ("high", "normal", "low"))
+            assert depth["jobs.idle (high)"] >= 2 and depth["jobs.idle (low)"] >= 1  # no worker serves idle
+            page = requests.get(f"{base}/broker", auth=auth, timeout=30)
+            assert page.status_code == 200 and "jobs.idle (high)" in page.text
+        finally:
+            for job_id in waiting:
+                client.delete(f"/jobs/{job_id}")
     finally:
         flower.stop()
 

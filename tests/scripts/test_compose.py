@@ -61,7 +61,7 @@ def test_redis_has_a_password_persistence_and_a_health_check_and_is_not_publishe
     assert "ports" not in redis
     assert redis["healthcheck"]["test"] and redis["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD")
     for name, service in compose["services"].items():
-        if name not in ("redis", "locust"):  # locust talks to the API only
+        if name not in ("redis", "locust", "prometheus", "grafana"):  # these never talk to Redis
             assert service["environment"]["REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?"), name
             assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
 
@@ -80,11 +80,12 @@ def test_every_setting_module_and_file_named_exists(compose):
     known |= {"TOKENIZERS_PARALLELISM", "TORCH_HOME", "HF_HOME", "HF_HUB_OFFLINE"}  # read by libraries
     known |= set(re.findall(r'"(API_KEY|LOAD_[A-Z_]+)"', (ROOT / "locustfile.py").read_text()))
     for name, service in compose["services"].items():
-        if name == "redis":
+        if name in ("redis", "grafana", "prometheus"):  # not our code
             continue
         unknown = set(service.get("environment", {})) - known
         assert not unknown, (name, unknown)
     assert (ROOT / "wsgi.py").exists() and (ROOT / "workers" / "__init__.py").exists()
+    assert (ROOT / "gunicorn_conf.py").exists()
     assert (ROOT / "flower" / "flowerconfig.py").exists()
     dockerfile = (ROOT / "Dockerfile").read_text()
     for path in re.findall(r"(?:COPY|RUN \.venv/bin/python) (\S+\.(?:txt|py))", dockerfile):
@@ -93,3 +94,26 @@ def test_every_setting_module_and_file_named_exists(compose):
     for env_name in re.findall(r"\b([A-Z_]{4,})=", dockerfile):
         assert env_name in known | {"PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK",
                                     "PATH"}, env_name
+
+
+def test_workers_serve_metrics_and_the_monitoring_profile_scrapes_every_one(compose):
+    services = compose["services"]
+    workers = sorted(name for name in services if name.startswith("worker-"))
+    for name in workers:
+        assert services[name]["environment"]["WORKER_METRICS_PORT"] == "9410", name
+        assert "ports" not in services[name], name  # metrics stay on the compose network
+    scrape = yaml.safe_load((ROOT / "grafana" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    assert jobs["inference-api"]["dns_sd_configs"][0] == {"names": ["api"], "type": "A", "port": 8000}
+    worker_sd = jobs["inference-workers"]["dns_sd_configs"][0]
+    assert sorted(worker_sd["names"]) == workers and worker_sd["port"] == 9410
+    for name in ("prometheus", "grafana"):
+        service = services[name]
+        assert service["profiles"] == ["monitoring"], name
+        assert all(port.startswith("127.0.0.1:") for port in service["ports"]), name
+        for volume in service["volumes"]:
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), volume
+    datasource = yaml.safe_load((ROOT / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"

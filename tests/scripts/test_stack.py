@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,11 +15,30 @@ import requests
 from tests.procs import ROOT, free_port, wait_until
 
 
+def free_pair() -> int:
+    """A free port whose next two are free too (make up gives each worker one, in order)."""
+    for _ in range(50):
+        port = free_port()
+        if port < 65000 and all(_free(port + i) for i in (1, 2)):
+            return port
+    raise RuntimeError("no three free ports in a row")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 @pytest.fixture
 def stack(tmp_path):
     env = {**os.environ, "VAR_DIR": str(tmp_path / "var"), "API_PORT": str(free_port()),
            "FLOWER_PORT": str(free_port()), "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-           "MODELS": "minilm,sentiment", "TORCH_THREADS": "1", "FLOWER_BASIC_AUTH": "ops:s3cret"}
+           "MODELS": "minilm,sentiment", "TORCH_THREADS": "1", "FLOWER_BASIC_AUTH": "ops:s3cret",
+           "WORKER_METRICS_PORT": str(free_pair())}
 
     def run(*args, timeout=400, extra=None):
         return subprocess.run([sys.executable, "scripts/stack.py", *args], cwd=ROOT, env={**env, **(extra or {})},
@@ -48,6 +69,18 @@ def test_up_is_idempotent_restarts_crashes_and_down_stops_everything(stack):
                         timeout=10).json()
     done = requests.get(f"{api}/jobs/{job['id']}", params={"wait": 20}, timeout=30).json()
     assert done["result"]["label"] == "POSITIVE"
+
+    # each worker serves its metrics; var/prometheus.yml scrapes the API and every worker
+    first_port = int(env["WORKER_METRICS_PORT"])
+    assert f"minilm :{first_port}" in first.stdout and f"sentiment :{first_port + 1}" in first.stdout
+    scrape = json.loads(open(os.path.join(env["VAR_DIR"], "prometheus.yml")).read().split("\n", 1)[1])
+    targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    assert targets == {f"127.0.0.1:{env['API_PORT']}", f"127.0.0.1:{first_port}", f"127.0.0.1:{first_port + 1}"}
+    text = requests.get(f"http://127.0.0.1:{first_port}/metrics", timeout=10).text
+    assert re.search(r'worker_jobs_total\{model="minilm",priority="normal",status="succeeded"\} [1-9]', text)
+    assert re.search(r'model_load_seconds\{device="cpu",model="minilm"\} \d', text)
+    assert 'api_request_seconds_count{method="POST",route="/jobs",status="202"}' in \
+        requests.get(f"{api}/metrics", timeout=10).text
 
     flower = f"http://127.0.0.1:{env['FLOWER_PORT']}/api/workers"
     assert requests.get(flower, timeout=10).status_code == 401
