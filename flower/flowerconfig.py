@@ -44,11 +44,12 @@ def _model_queues() -> set[str]:
         return set()
 
 
-_active_queue_names = _BaseHandler.get_active_queue_names
-
-
 def get_active_queue_names(self):
-    return sorted(set(_active_queue_names(self)) | _model_queues())
+    """The queues online workers consume, and every configured model's (Flower's own version falls
+    back to Celery's unused default queue when it knows no worker yet)."""
+    consumed = {queue["name"] for info in self.application.workers.values()
+                for queue in info.get("active_queues", [])}
+    return sorted(consumed | _model_queues())
 
 
 async def queues_by_priority(self, names):

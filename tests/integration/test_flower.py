@@ -67,6 +67,7 @@ def test_flower_needs_its_credential_and_shows_workers_jobs_and_queues(client, s
             depth = {q["name"]: q["messages"] for q in queues}
             assert {"jobs.minilm", "jobs.sentiment", "jobs.efficientnet-lite0"} <= set(depth)
             assert all(isinstance(n, int) for n in depth.values())
+            assert "celery" not in depth  # Celery's default queue: nothing here uses it
             for queue in ("jobs.minilm", "jobs.idle"):
                 assert depth[queue] == sum(depth[f"{queue} ({p})"] for p in ("high", "normal", "low"))
             assert depth["jobs.idle (high)"] >= 2 and depth["jobs.idle (low)"] >= 1  # no worker serves idle
