@@ -17,6 +17,8 @@ import time
 import uuid
 from typing import Any
 
+from celery.utils.saferepr import saferepr
+
 import metrics
 import settings
 from celeryconfig import PRIORITIES
@@ -182,7 +184,9 @@ def _settle(task, store, hostname: str, items: list[dict[str, Any]], by_id, atte
             "worker": hostname, "batch_id": batch_id, "status": item["status"], "attempt": attempts.get(item["id"]),
             "error_type": err.get("type"), "run_ms": round(runtime * 1000, 2)})
         if item["status"] == "succeeded":
-            _send(hostname, "task-succeeded", uuid=item["id"], runtime=runtime, result="<stored>")
+            # As Celery's own events do: the result's repr, cut at the task's resultrepr_maxsize (1024).
+            _send(hostname, "task-succeeded", uuid=item["id"], runtime=runtime,
+                  result=saferepr(item.get("result"), task.resultrepr_maxsize))
         elif item["status"] in ("failed", "expired"):
             err = item.get("error") or {}
             _send(hostname, "task-failed", uuid=item["id"], exception=f"{err.get('type')}: {err.get('message')}",
