@@ -81,7 +81,11 @@ def init_request_metrics(app: Flask) -> None:
 
 
 def _model_named(known: set[str]) -> str:
-    """The submitted model's name when it is one we serve (a label never holds what a client made up)."""
-    body = request.get_json(silent=True) if request.is_json else None
-    name = body.get("model") if isinstance(body, dict) else request.form.get("model")
+    """The submitted model's name when it is one we serve (a label never holds what a client made up).
+    A body too large to read (413) gives "other"."""
+    try:
+        body = request.get_json(silent=True) if request.is_json else None
+        name = body.get("model") if isinstance(body, dict) else request.form.get("model")
+    except Exception:
+        return "other"
     return name if isinstance(name, str) and name in known else "other"

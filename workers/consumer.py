@@ -55,10 +55,14 @@ class ModelBatches(Batches):
     flush_every = 32
     #: Seconds the first job of a batch may wait for more (the model's max_wait_ms).
     flush_interval = 0.01
+    #: A batch no pool process has accepted after this long is taken back and requeued (it is only
+    #: handed over when a process is free, so a healthy pool accepts it within milliseconds).
+    NOT_ACCEPTED_AFTER_S = 30.0
 
     def __init__(self) -> None:
         super().__init__()
         self._running: dict[Any, list] = {}  # the pool's result handle of each batch it holds -> requests
+        self._sent_at: dict[Any, float] = {}  # ... -> when it was handed to the pool (monotonic)
         self.stats = BatchStats()
 
     def configure(self, max_batch_size: int, max_wait_ms: float) -> None:
@@ -78,16 +82,34 @@ class ModelBatches(Batches):
         self._forget_dropped()
         return len(self._running) >= max(1, getattr(self._pool, "num_processes", 1) or 1)
 
-    def _forget_dropped(self) -> None:
+    def _forget_dropped(self, now: float | None = None) -> None:
         """When the broker connection is lost, Celery flushes the pool: batches no process had
         accepted yet are dropped without a callback. Left counted, they would keep this worker
-        "busy" for good; their jobs are put back on the queue instead."""
+        "busy" for good; their jobs are put back on the queue instead.
+
+        A batch handed to the pool around such a flush can also be left in the pool's outgoing
+        buffer, never written to a process and never called back (seen once in the chaos test: a
+        pool process died while the broker was down). A batch no process has accepted within
+        ``NOT_ACCEPTED_AFTER_S`` is taken back from the pool the same way; if the pool runs it after
+        all, the claim sees its jobs already finished or running and they run at most once more."""
         cache = getattr(getattr(self._pool, "_pool", None), "_cache", None)
         if cache is None:
             return
-        for result in [r for r in self._running if cache.get(getattr(r, "_job", None)) is not r and not r.ready()]:
+        now = monotonic() if now is None else now
+        for result in list(self._running):
+            if result.ready():
+                continue
+            if cache.get(getattr(result, "_job", None)) is not result:
+                why = "the pool dropped it (broker connection lost)"
+            elif (not getattr(result, "_accepted", True)
+                  and now - self._sent_at.get(result, now) > self.NOT_ACCEPTED_AFTER_S):
+                why = f"no pool process took it in {self.NOT_ACCEPTED_AFTER_S:.0f}s"
+                cache.pop(result._job, None)  # its callbacks can no longer fire
+            else:
+                continue
             requests = self._running.pop(result)
-            log.warning("the pool dropped a batch of %d (broker connection lost); requeueing it", len(requests))
+            self._sent_at.pop(result, None)
+            log.warning("batch of %d: %s; requeueing it", len(requests), why)
             try:
                 for request in requests:
                     request.reject(requeue=True)
@@ -148,6 +170,7 @@ class ModelBatches(Batches):
     def _after_batch(self, handle: list) -> None:
         if handle:
             self._running.pop(handle[0], None)
+            self._sent_at.pop(handle[0], None)
         if not (self._buffer.empty() and self._pending.empty()):
             self._do_flush()
             if self._tref is None and not (self._buffer.empty() and self._pending.empty()):
@@ -192,6 +215,7 @@ class ModelBatches(Batches):
         if result is not None and not result.ready():  # (not already called back)
             handle.append(result)
             self._running[result] = requests
+            self._sent_at[result] = monotonic()
         return result
 
     def Strategy(self, task, app, consumer):

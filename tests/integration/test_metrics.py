@@ -119,6 +119,8 @@ def test_api_metrics_add_up_every_gunicorn_process(client, api, stack_env):
         requests.post(f"{api}/jobs", json={"model": "flaky", "input": 12}, headers=fresh, timeout=10)
         assert requests.post(f"{api}/jobs", json={"model": "no-such-model", "input": "x"}, headers=fresh,
                              timeout=10).status_code == 404
+    huge = requests.post(f"{api}/jobs", json={"model": "flaky", "input": "x" * 3_000_000}, headers=fresh, timeout=30)
+    assert huge.status_code == 413  # over MAX_BODY_BYTES: its model is never read
     waiting = [client.submit("idle", f"wait {i}", priority=p)["id"] for i, p in enumerate(["high", "high", "low"])]
     try:
         for _ in range(6):  # answered by either process: each sees every process's samples
@@ -130,6 +132,7 @@ def test_api_metrics_add_up_every_gunicorn_process(client, api, stack_env):
             assert delta("api_request_seconds_count", method="POST", route="/jobs", status="202") == 13
             assert delta("api_jobs_rejected_total", model="flaky", reason=reason) == 3
             assert delta("api_jobs_rejected_total", model="other", reason="unknown_model") == 2
+            assert delta("api_jobs_rejected_total", model="other", reason="too_large") == 1
             assert delta("jobs_submitted_total", model="idle", priority="high") == 2
             assert total(now, "queue_depth", model="idle", priority="high") >= 2
             assert total(now, "queue_depth", model="idle", priority="low") >= 1

@@ -10,7 +10,7 @@ class FakeResult:
 
     def __init__(self, cache):
         FakeResult._n += 1
-        self._job, self._ready = FakeResult._n, False
+        self._job, self._ready, self._accepted = FakeResult._n, False, False
         cache[self._job] = self
 
     def ready(self):
@@ -69,6 +69,24 @@ def test_a_finished_batch_frees_the_worker_and_acks_what_it_finished(monkeypatch
     assert not task._busy()
     assert requests[0].acked and requests[1].rejected  # not finished: back on the queue
     assert not task._running
+
+
+def test_a_batch_no_pool_process_accepts_is_taken_back_and_requeued(monkeypatch):
+    from time import monotonic
+
+    task = _task(monkeypatch)
+    requests = [FakeRequest("a"), FakeRequest("b")]
+    result = task.flush(requests)
+    later = monotonic() + ModelBatches.NOT_ACCEPTED_AFTER_S + 1
+    task._forget_dropped(now=monotonic() + 1)
+    assert task._running and not any(r.rejected for r in requests)  # still in time
+    task._forget_dropped(now=later)
+    assert not task._running and all(r.rejected for r in requests)
+    assert result._job not in task._pool._pool._cache  # its callbacks can no longer fire
+    other = task.flush([FakeRequest("c")])
+    other._accepted = True  # a process took it: a long batch is never taken back
+    task._forget_dropped(now=monotonic() + 10 * ModelBatches.NOT_ACCEPTED_AFTER_S)
+    assert task._busy()
 
 
 class FakeTimer:
