@@ -1,5 +1,5 @@
 # The two commands: `make up` (set up and start everything) and `make test` (set up and run the tests).
-.PHONY: up down test restart logs ps clean prefetch chaos status load
+.PHONY: up down test restart logs ps clean prefetch chaos status load bench
 VAR_DIR ?= var
 
 up:
@@ -19,6 +19,12 @@ test:
 chaos:
 	@bash scripts/bootstrap.sh
 	@.venv/bin/python scripts/chaos.py $(CHAOS_ARGS)
+
+# The model alone, ours and naive Celery side by side (bench/bench.py): bench/results/latest.json and PNG
+# plots. BENCH_ARGS=--quick for a few minutes; --models NAME,... for other models.
+bench:
+	@bash scripts/bootstrap.sh
+	@.venv/bin/python bench/bench.py $(BENCH_ARGS)
 
 prefetch:
 	@bash scripts/bootstrap.sh

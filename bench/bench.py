@@ -1,0 +1,482 @@
+"""make bench: the machine's limit, ours and naive Celery, side by side, per model.
+
+    .venv/bin/python bench/bench.py [--quick] [--models minilm,efficientnet-lite0] [--out bench/results]
+
+For each model, on this machine, in one run:
+1. the limit: the model alone in one process, no queue, at each batch size up to max_batch_size;
+   the best items/s;
+2. ours: Redis, the API (gunicorn) and one batching worker, driven over HTTP (submit, long-poll):
+   items/s at saturation, then latency p50/p95/p99 under open-loop (Poisson) load at 25/50/90% of it;
+3. naive Celery: one task per job (bench/naive.py, Celery's defaults), same model, same Redis, one
+   worker process, driven with Celery's own client (no HTTP: that favours naive): items/s and the
+   latency at the same absolute loads;
+4. overhead at idle: one job at a time over HTTP, end-to-end minus the model's own single-item time;
+5. priorities under overload: 2x our rate for a while, 20% high and 80% low; p95 of each, and of
+   high at idle.
+
+The worker (and the limit and naive runs) get the first half of this process's cores, with that many
+torch threads; Redis, the API and the load generator get the rest (taskset): as a deployment would
+put them on separate machines. Writes bench/results/latest.json and PNG plots next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, this folder comes first on sys.path, and "bench" would name this file.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+
+import requests  # noqa: E402
+
+from bench.models import inputs_for  # noqa: E402
+from tests.procs import Proc, free_port, start_api, start_redis, start_worker, wait_until, worker_ready  # noqa: E402
+
+CORES = sorted(os.sched_getaffinity(0))
+MODEL_CORES = CORES[: max(1, len(CORES) // 2)]
+SERVICE_CORES = CORES[len(MODEL_CORES):] or CORES
+LOADS = (0.25, 0.5, 0.9)
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def on_cores(cores):
+    """Processes started inside inherit ``cores`` (the affinity is inherited at fork)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))], 2)
+
+
+# -- 1. the limit -------------------------------------------------------------------------------
+def limit(model: str, threads: int, seconds: float) -> dict:
+    """In a child process on the model cores: items/s at each batch size, and single-item times."""
+    out = subprocess.run([sys.executable, __file__, "--limit-of", model, "--threads", str(threads),
+                          "--seconds", str(seconds)], capture_output=True, text=True, cwd=ROOT,
+                         preexec_fn=lambda: os.sched_setaffinity(0, MODEL_CORES))
+    if out.returncode != 0:
+        raise RuntimeError(f"limit run for {model} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def limit_child(model: str, threads: int, seconds: float) -> dict:
+    from models import build_runner, runner_class
+    from models.base import set_threads
+    from models.registry import Registry
+
+    spec = Registry.from_file(str(ROOT / "models.toml")).get(model)
+    runner_class(spec).preload()
+    set_threads(threads)
+    runner = build_runner(spec, device="cpu")
+    runner.timed_load()
+    items = inputs_for(spec, spec.max_batch_size)
+    runner(items[:2])
+    sizes = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s <= spec.max_batch_size]
+    rates, single_ms = {}, []
+    for size in sizes:
+        times, start = [], time.perf_counter()
+        while time.perf_counter() - start < seconds or len(times) < 3:
+            t = time.perf_counter()
+            runner(items[:size])
+            times.append(time.perf_counter() - t)
+        rates[size] = round(size / statistics.median(times), 2)
+        if size == 1:
+            single_ms = [t * 1000 for t in times]
+    best = max(rates, key=rates.get)
+    return {"items_per_s_by_batch": rates, "best_batch": best, "limit_items_per_s": rates[best],
+            "single_ms_p50": pct(single_ms, 50), "single_ms_p99": pct(single_ms, 99),
+            "threads": threads, "cores": sorted(os.sched_getaffinity(0))}
+
+
+# -- drivers: ours over HTTP, naive over Celery -------------------------------------------------
+# submit(i, priority) -> handle; wait(handle) -> the epoch second its result was stored, or None.
+class Ours:
+    name = "ours"
+
+    def __init__(self, api: str, model: str, items: list):
+        self.api, self.model, self.items = api, model, items
+        self.local = threading.local()
+
+    def session(self) -> requests.Session:
+        if not hasattr(self.local, "s"):
+            self.local.s = requests.Session()
+        return self.local.s
+
+    def submit(self, i: int, priority: str = "normal") -> str:
+        r = self.session().post(f"{self.api}/jobs", json={"model": self.model, "input": self.items[i % len(self.items)],
+                                                          "priority": priority}, timeout=30)
+        r.raise_for_status()
+        return r.json()["id"]
+
+    def wait(self, job_id: str, timeout_s: float = 300) -> float | None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            job = self.session().get(f"{self.api}/jobs/{job_id}", params={"wait": 20}, timeout=30).json()
+            if job["status"] == "succeeded":
+                from datetime import datetime
+
+                return datetime.fromisoformat(job["finished_at"].replace("Z", "+00:00")).timestamp()
+            if job["status"] in ("failed", "cancelled", "expired"):
+                return None
+        return None
+
+
+class Naive:
+    """Sends with Celery's client; reads results straight from the backend's keys (Celery's own
+    ``AsyncResult.get`` is not safe from many threads at once: it gave up with "Retry limit exceeded")."""
+    name = "naive"
+
+    def __init__(self, app, model: str, items: list, redis_url: str):
+        import redis
+
+        self.app, self.model, self.items = app, model, items
+        self.r = redis.Redis.from_url(redis_url)
+
+    def submit(self, i: int, priority: str = "normal"):
+        return self.app.send_task("naive.infer", args=(self.model, self.items[i % len(self.items)]),
+                                  queue="naive").id
+
+    def wait(self, task_id: str, timeout_s: float = 300) -> float | None:
+        from datetime import datetime, timezone
+
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            raw = self.r.get(f"celery-task-meta-{task_id}")
+            if raw:
+                meta = json.loads(raw)
+                if meta["status"] != "SUCCESS":
+                    return None
+                done = datetime.fromisoformat(meta["date_done"])
+                return (done if done.tzinfo else done.replace(tzinfo=timezone.utc)).timestamp()
+            time.sleep(0.005)
+        return None
+
+
+def cpu_busy(before: dict, after: dict) -> dict:
+    """Per-core busy fraction between two ``cpu_times()`` samples."""
+    out = {}
+    for core, (busy0, total0) in before.items():
+        busy1, total1 = after[core]
+        out[core] = round((busy1 - busy0) / max(1, total1 - total0), 3)
+    return out
+
+
+def cpu_times() -> dict:
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *fields = line.split()
+            values = list(map(int, fields))
+            idle = values[3] + values[4]
+            out[int(name[3:])] = (sum(values) - idle, sum(values))
+    return out
+
+
+def saturate(driver, n: int, threads: int = 16) -> dict:
+    """Submit ``n`` jobs as fast as ``threads`` can, then wait for all: items/s from the first submit
+    to the last result stored, and how busy each core was meanwhile."""
+    start, cpu0 = time.time(), cpu_times()
+    with ThreadPoolExecutor(threads) as pool:
+        handles = list(pool.map(driver.submit, range(n)))
+        submitted = time.time() - start
+        done = list(pool.map(driver.wait, handles))
+    last = max((t for t in done if t), default=time.time())
+    seconds = last - start
+    return {"jobs": n, "seconds": round(seconds, 2), "items_per_s": round(n / seconds, 2),
+            "failed": done.count(None), "submit_s": round(submitted, 2), "core_busy": cpu_busy(cpu0, cpu_times())}
+
+
+def open_loop(driver, rate: float, seconds: float, priorities=(("normal", 1.0),), seed: int = 1) -> dict:
+    """Poisson arrivals at ``rate`` jobs/s for ``seconds``. A job's time runs from its scheduled
+    arrival to its result being stored (server-side timestamp, same clock): no waiting thread per job
+    is needed, so arrivals keep their rate however far behind the system falls."""
+    rng = random.Random(seed)
+    names, weights = zip(*priorities)
+    arrivals: list[tuple[float, str, object]] = []
+    lock = threading.Lock()
+
+    def send(i: int, at: float, priority: str) -> None:
+        try:
+            handle = driver.submit(i, priority)
+        except Exception:
+            handle = None
+        with lock:
+            arrivals.append((at, priority, handle))
+
+    submitters = ThreadPoolExecutor(32)
+    start, i, next_at = time.time(), 0, 0.0
+    while next_at < seconds:
+        delay = start + next_at - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        submitters.submit(send, i, start + next_at, rng.choices(names, weights)[0])
+        i += 1
+        next_at += rng.expovariate(rate)
+    submitters.shutdown(wait=True)
+    with ThreadPoolExecutor(32) as waiters:
+        done = list(waiters.map(lambda a: driver.wait(a[2]) if a[2] is not None else None, arrivals))
+    times: dict[str, list[float]] = {p: [] for p in names}
+    failed = 0
+    for (at, priority, _), finished in zip(arrivals, done):
+        if finished is None:
+            failed += 1
+        else:
+            times[priority].append(max(0.0, finished - at) * 1000)
+    every = [t for ts in times.values() for t in ts]
+    out = {"rate": round(rate, 2), "seconds": seconds, "jobs": i, "failed": failed,
+           "p50_ms": pct(every, 50), "p95_ms": pct(every, 95), "p99_ms": pct(every, 99)}
+    if len(names) > 1:
+        out["by_priority"] = {p: {"jobs": len(ts), "p50_ms": pct(ts, 50), "p95_ms": pct(ts, 95),
+                                  "cdf_ms": sorted(round(t, 1) for t in ts)} for p, ts in times.items()}
+    return out
+
+
+def sequential(driver, n: int, priority: str = "normal") -> list[float]:
+    """One job at a time: each one's time from submit to its result back at the client (ms)."""
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        if driver.wait(driver.submit(i, priority)) is not None:
+            times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A worker's metrics, summed by name over labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(requests.get(url, timeout=10).text):
+        for sample in family.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
+
+
+# -- one model ---------------------------------------------------------------------------------
+def bench_model(model: str, args, work: Path) -> dict:
+    from models.registry import Registry
+
+    spec = Registry.from_file(str(ROOT / "models.toml")).get(model)
+    threads = len(MODEL_CORES)
+    items = inputs_for(spec, 32)
+    quick = args.quick
+    say(f"{model}: the limit (model alone, {threads} thread(s), cores {MODEL_CORES})")
+    lim = limit(model, threads, 1.0 if quick else 3.0)
+    say(f"{model}: limit {lim['limit_items_per_s']} items/s at batch {lim['best_batch']} "
+        f"(by batch: {lim['items_per_s_by_batch']})")
+
+    work.mkdir(parents=True, exist_ok=True)
+    redis_proc, redis_url = start_redis(work)
+    env = {"REDIS_URL": redis_url, "MODELS": model, "TORCH_THREADS": str(threads), "WORKER_CONCURRENCY": "1",
+           "LOG_FORMAT": "text", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "MAX_QUEUED": "100000", "METRICS_DIR": str(work / "metrics")}
+    procs = [redis_proc]
+    result = {"model": model, "task": spec.task, "max_batch_size": spec.max_batch_size,
+              "max_wait_ms": spec.max_wait_ms, "limit": lim}
+    try:
+        with on_cores(SERVICE_CORES):
+            api_proc, api = start_api(env, work)
+        procs.append(api_proc)
+        metrics_port = free_port()
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with on_cores(MODEL_CORES):
+            worker = start_worker(model, {**env, "WORKER_METRICS_PORT": str(metrics_port)}, work)
+        procs.append(worker)
+        worker_ready(redis_url, model, worker, timeout_s=180)
+        ours = Ours(api, model, items)
+        sequential(ours, 3)  # load the model in the pool process
+        n_sat = max(50, int(lim["limit_items_per_s"] * (8 if quick else 25)))
+        say(f"{model}: ours at saturation ({n_sat} jobs)")
+        before = scrape(metrics_url)
+        sat = saturate(ours, n_sat)
+        after = scrape(metrics_url)
+        sat["worker"] = {
+            "model_s": round(after.get("inference_seconds_sum", 0) - before.get("inference_seconds_sum", 0), 2),
+            "batches": after.get("batch_size_count", 0) - before.get("batch_size_count", 0),
+            "mean_batch": round((after.get("batch_size_sum", 0) - before.get("batch_size_sum", 0))
+                                / max(1, after.get("batch_size_count", 0) - before.get("batch_size_count", 0)), 2)}
+        rate = sat["items_per_s"]
+        say(f"{model}: ours {rate} items/s ({rate / lim['limit_items_per_s']:.2f} x the limit); {sat}")
+        window = 8.0 if quick else 30.0
+        ours_loads = {}
+        for f in LOADS:
+            ours_loads[str(f)] = open_loop(ours, f * rate, window)
+            say(f"{model}: ours at {f:.0%} of it: {ours_loads[str(f)]}")
+        n_idle = 15 if quick else 60
+        idle = sequential(ours, n_idle)
+        idle_high = sequential(ours, n_idle, "high")
+        overhead = [t - lim["single_ms_p50"] for t in idle]
+        say(f"{model}: priorities at 2x our rate for {window:.0f}s")
+        overload = open_loop(ours, 2 * rate, window, priorities=(("high", 0.2), ("low", 0.8)))
+
+        with on_cores(MODEL_CORES):
+            naive_worker = Proc(f"naive-{model}", [str(Path(sys.executable).parent / "celery"), "-A", "bench.naive",
+                                                   "worker", "-Q", "naive", "-c", "1", "--loglevel", "WARNING"],
+                                env, work)
+        procs.append(naive_worker)
+        from celery import Celery
+
+        client = Celery("naive-client", broker=redis_url, backend=redis_url)
+        client.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+        naive = Naive(client, model, items, redis_url)
+        wait_until(lambda: naive.wait(naive.submit(0), timeout_s=5) is not None, 180, "naive worker", interval=0.5)
+        n_naive = max(30, int(n_sat / 3))
+        say(f"{model}: naive Celery at saturation ({n_naive} jobs)")
+        naive_sat = saturate(naive, n_naive)
+        say(f"{model}: naive {naive_sat['items_per_s']} items/s")
+        naive_loads = {}
+        for f in LOADS:
+            naive_loads[str(f)] = open_loop(naive, f * rate, window)
+            say(f"{model}: naive at {f:.0%} of our rate: {naive_loads[str(f)]}")
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+    result.update({
+        "limit_items_per_s": lim["limit_items_per_s"],
+        "ours_items_per_s": rate,
+        "naive_items_per_s": naive_sat["items_per_s"],
+        "ours_vs_limit": round(rate / lim["limit_items_per_s"], 3),
+        "ours_vs_naive": round(rate / naive_sat["items_per_s"], 2),
+        "idle_e2e_ms_p50": pct(idle, 50),
+        "idle_overhead_ms_p50": pct(overhead, 50),
+        "idle_overhead_ms_p99": pct(overhead, 99),
+        "high_p95_ms_idle": pct(idle_high, 95),
+        "high_p95_ms_overload": overload["by_priority"]["high"]["p95_ms"],
+        "low_p95_ms_overload": overload["by_priority"]["low"]["p95_ms"],
+        "ours_saturation": sat, "naive_saturation": naive_sat,
+        "ours_latency_by_load": ours_loads, "naive_latency_by_load": naive_loads, "overload": overload,
+    })
+    return result
+
+
+def plots(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results["models"])
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.25
+    for k, (key, label) in enumerate([("limit_items_per_s", "limit (model alone)"), ("ours_items_per_s", "ours"),
+                                      ("naive_items_per_s", "naive Celery")]):
+        ax.bar([i + (k - 1) * width for i in range(len(models))], [results["models"][m][key] for m in models],
+               width, label=label)
+    ax.set_xticks(range(len(models)), models)
+    ax.set_ylabel("items/s")
+    ax.set_title("Throughput at saturation")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=110)
+    written.append("throughput.png")
+    plt.close(fig)
+
+    for m in models:
+        r = results["models"][m]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key, label in (("ours_latency_by_load", "ours"), ("naive_latency_by_load", "naive Celery")):
+            loads = sorted(r[key], key=float)
+            xs = [r[key][f]["rate"] for f in loads]
+            for q, style in (("p50_ms", "-o"), ("p95_ms", "--o"), ("p99_ms", ":o")):
+                ax.plot(xs, [r[key][f][q] for f in loads], style, label=f"{label} {q[:3]}")
+        ax.set_xlabel("offered load (jobs/s, Poisson)")
+        ax.set_ylabel("end-to-end ms")
+        ax.set_yscale("log")
+        ax.set_title(f"{m}: latency vs load")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"latency-{m}.png", dpi=110)
+        written.append(f"latency-{m}.png")
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for p, data in r["overload"]["by_priority"].items():
+            cdf = data["cdf_ms"]
+            if cdf:
+                ax.plot(cdf, [(i + 1) / len(cdf) for i in range(len(cdf))], label=f"{p} at 2x capacity")
+        ax.axvline(r["high_p95_ms_idle"], color="grey", linestyle=":", label="high p95 at idle")
+        ax.set_xscale("log")
+        ax.set_xlabel("end-to-end ms")
+        ax.set_ylabel("fraction of jobs")
+        ax.set_title(f"{m}: priorities under overload")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"priorities-{m}.png", dpi=110)
+        written.append(f"priorities-{m}.png")
+        plt.close(fig)
+    return written
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "celery", "celery-batches", "kombu", "redis", "gunicorn",
+                                             "Flask", "transformers")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short windows: a few minutes for both models")
+    parser.add_argument("--models", default="minilm,efficientnet-lite0")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--limit-of", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=3.0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.limit_of:
+        print(json.dumps(limit_child(args.limit_of, args.threads, args.seconds)))
+        return
+    os.sched_setaffinity(0, SERVICE_CORES)  # the load generator, with the API and Redis
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    started = time.time()
+    results = {"mode": "quick" if args.quick else "full", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "machine": {"cpus": os.cpu_count(), "affinity": CORES, "platform": platform.platform(),
+                           "python": platform.python_version()},
+               "cores": {"worker, limit and naive worker": MODEL_CORES,
+                         "redis, API and load generator": SERVICE_CORES},
+               "versions": versions(), "models": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for model in args.models.split(","):
+            results["models"][model] = bench_model(model, args, Path(tmp) / model)
+    results["seconds"] = round(time.time() - started, 1)
+    results["plots"] = plots(results, out)
+    (out / "latest.json").write_text(json.dumps(results, indent=1))
+    summary = {m: {k: r[k] for k in ("limit_items_per_s", "ours_items_per_s", "naive_items_per_s", "ours_vs_limit",
+                                     "ours_vs_naive", "idle_overhead_ms_p50", "idle_overhead_ms_p99",
+                                     "high_p95_ms_idle", "high_p95_ms_overload", "low_p95_ms_overload")}
+               for m, r in results["models"].items()}
+    print(json.dumps(summary, indent=1))
+    say(f"done in {results['seconds']}s: {out / 'latest.json'} and {', '.join(results['plots'])}")
+
+
+if __name__ == "__main__":
+    main()
