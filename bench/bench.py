@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import subprocess
 import sys
 import threading
@@ -103,7 +102,7 @@ def limit_child(model: str, threads: int, seconds: float) -> dict:
             t = time.perf_counter()
             runner(items[:size])
             times.append(time.perf_counter() - t)
-        rates[size] = round(size / statistics.median(times), 2)
+        rates[size] = round(size * len(times) / sum(times), 2)  # all the calls, as a worker's throughput counts them
         if size == 1:
             single_ms = [t * 1000 for t in times]
     best = max(rates, key=rates.get)
@@ -307,6 +306,15 @@ def bench_model(model: str, args, work: Path) -> dict:
             worker = start_worker(model, {**env, "WORKER_METRICS_PORT": str(metrics_port)}, work)
         procs.append(worker)
         worker_ready(redis_url, model, worker, timeout_s=180)
+        if args.max_batch_size or args.max_wait_ms is not None:  # a fixed setting other than the entry's
+            size = args.max_batch_size or spec.max_batch_size
+            wait_ms = spec.max_wait_ms if args.max_wait_ms is None else args.max_wait_ms
+            out = subprocess.run([str(Path(sys.executable).parent / "celery"), "-A", "workers", "control",
+                                  "set_batching", model, str(size), str(wait_ms)], cwd=ROOT, capture_output=True,
+                                 text=True, env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, timeout=60)
+            if out.returncode != 0 or "max_batch_size" not in out.stdout:
+                raise RuntimeError(f"set_batching failed: {out.stdout} {out.stderr[-2000:]}")
+            result["max_batch_size"], result["max_wait_ms"] = size, float(wait_ms)
         ours = Ours(api, model, items)
         sequential(ours, 3)  # load the model in the pool process
         n_sat = max(50, int(lim["limit_items_per_s"] * (8 if quick else 25)))
@@ -445,6 +453,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short windows: a few minutes for both models")
     parser.add_argument("--models", default="minilm,efficientnet-lite0")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--max-batch-size", type=int, help="run our worker with this max batch size")
+    parser.add_argument("--max-wait-ms", type=float, help="... and this max wait (0: flush as soon as free)")
     parser.add_argument("--limit-of", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=3.0, help=argparse.SUPPRESS)
@@ -463,7 +473,10 @@ def main() -> None:
                            "python": platform.python_version()},
                "cores": {"worker, limit and naive worker": MODEL_CORES,
                          "redis, API and load generator": SERVICE_CORES},
-               "versions": versions(), "models": {}}
+               "versions": versions(), "models": {},
+               "settings": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+                            "torch_threads": len(MODEL_CORES), "worker_concurrency": 1, "api_workers": 2,
+                            "task_sent_events": False}}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for model in args.models.split(","):
             results["models"][model] = bench_model(model, args, Path(tmp) / model)

@@ -1,0 +1,44 @@
+"""The benchmark's measuring parts, with a stand-in system whose timings are known."""
+
+import time
+
+import pytest
+
+from bench import bench
+
+
+class Delayed:
+    """Stores each job's result ``delay_s`` after it is submitted."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
+
+    def submit(self, i: int, priority: str = "normal"):
+        return time.time() + (self.delay_s if priority != "high" else self.delay_s / 10)
+
+    def wait(self, done_at: float):
+        return done_at
+
+
+def test_open_loop_times_each_job_from_its_arrival_by_priority():
+    out = bench.open_loop(Delayed(0.05), rate=200, seconds=0.5, priorities=(("high", 0.5), ("low", 0.5)))
+    assert 60 <= out["jobs"] <= 140 and out["failed"] == 0  # Poisson at 200/s for 0.5 s
+    low, high = out["by_priority"]["low"], out["by_priority"]["high"]
+    assert 48 <= low["p50_ms"] <= 80 and 4 <= high["p50_ms"] <= 30
+    assert len(low["cdf_ms"]) == low["jobs"] and low["cdf_ms"] == sorted(low["cdf_ms"])
+
+
+def test_saturate_counts_items_per_second_to_the_last_result():
+    out = bench.saturate(Delayed(0.2), 20, threads=4)
+    assert out["jobs"] == 20 and out["failed"] == 0
+    assert out["items_per_s"] == pytest.approx(20 / out["seconds"], rel=0.01)
+    assert 0.2 <= out["seconds"] < 1.5
+
+
+def test_percentiles_and_core_busy():
+    assert bench.pct([], 50) is None
+    assert bench.pct([3, 1, 2], 50) == 2 and bench.pct(list(range(101)), 99) == 99
+    before = {0: (100, 1000), 1: (0, 1000)}
+    assert bench.cpu_busy(before, {0: (600, 2000), 1: (1000, 2000)}) == {0: 0.5, 1: 1.0}
+    times = bench.cpu_times()
+    assert times and all(isinstance(core, int) and 0 <= busy <= total for core, (busy, total) in times.items())
