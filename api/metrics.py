@@ -19,6 +19,7 @@ import metrics as prom
 from celeryconfig import PRIORITIES
 
 bp = Blueprint("metrics", __name__)
+_METHODS = frozenset(("GET", "POST", "DELETE", "HEAD", "OPTIONS", "PUT", "PATCH"))
 
 
 class _ClusterCollector:
@@ -26,6 +27,19 @@ class _ClusterCollector:
         self.store, self.registry = store, registry
 
     def collect(self):
+        up = GaugeMetricFamily("cluster_up", "1 when this scrape could read the cluster figures from Redis")
+        try:
+            families = list(self._cluster())
+        except Exception as exc:  # Redis down: the API's own figures still answer
+            current_app.logger.warning("cluster metrics unavailable: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families
+
+    def _cluster(self):
         submitted, finished = self.store.counters()
         sub = CounterMetricFamily("jobs_submitted", "Jobs accepted by the API (cluster-wide, from Redis)",
                                   labels=["model", "priority"])
@@ -71,7 +85,8 @@ def init_request_metrics(app: Flask) -> None:
             started = g.pop("metrics_started", None)
             route = request.url_rule.rule if request.url_rule else "unmatched"
             if started is not None:
-                prom.api().requests.labels(request.method, route, str(response.status_code)).observe(
+                method = request.method if request.method in _METHODS else "other"  # a label holds no made-up value
+                prom.api().requests.labels(method, route, str(response.status_code)).observe(
                     time.perf_counter() - started)
             if route == "/jobs" and request.method == "POST" and response.status_code >= 400:
                 prom.api().rejected.labels(_model_named(known), g.get("error_type", "error")).inc()

@@ -290,7 +290,7 @@ def bench_model(model: str, args, work: Path) -> dict:
 
     work.mkdir(parents=True, exist_ok=True)
     redis_proc, redis_url = start_redis(work)
-    env = {"REDIS_URL": redis_url, "MODELS": model, "TORCH_THREADS": str(threads), "WORKER_CONCURRENCY": "1",
+    env = {"REDIS_URL": redis_url, "MODELS_FILE": str(ROOT / "models.toml"), "MODELS": model, "API_KEYS": "", "TORCH_THREADS": str(threads), "WORKER_CONCURRENCY": "1",
            "LOG_FORMAT": "text", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "MAX_QUEUED": "100000", "METRICS_DIR": str(work / "metrics")}
     procs = [redis_proc]
@@ -476,7 +476,7 @@ def main() -> None:
                "versions": versions(), "models": {},
                "settings": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
                             "torch_threads": len(MODEL_CORES), "worker_concurrency": 1, "api_workers": 2,
-                            "task_sent_events": False}}
+                            "task_sent_events": os.environ.get("TASK_SENT_EVENTS", "0") == "1"}}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for model in args.models.split(","):
             results["models"][model] = bench_model(model, args, Path(tmp) / model)

@@ -123,7 +123,8 @@ def render(registry: Registry, credential: str) -> None:
                           "TORCH_THREADS": threads, "MODEL_ENTRY_SHA": entry,
                           "WORKER_METRICS_PORT": str(ports[spec.name])}))
     programs.append(("flower", cmds["flower"], 40, 10,
-                     {**common, "FLOWER_BASIC_AUTH": credential, "FLOWER_HOST": settings.FLOWER_HOST,
+                     {**common, "MODELS_FILE": settings.MODELS_FILE, "MODELS": ",".join(served),
+                      "FLOWER_BASIC_AUTH": credential, "FLOWER_HOST": settings.FLOWER_HOST,
                       "FLOWER_PORT": str(settings.FLOWER_PORT)}))
     out = [
         "[unix_http_server]", f"file={SOCK}", "chmod=0700", "",

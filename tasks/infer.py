@@ -87,10 +87,15 @@ def infer(self, requests) -> dict[str, Any]:
     verdicts = store.claim([r.id for r in requests], hostname, len(requests), settings.MAX_DELIVERIES,
                            now=started, inputs=stored_inputs, created=created)
     fresh, suspects, culprits, attempts, settled, acked = [], [], [], {}, [], []
+    revoked_events = False
     for request, (verdict, detail) in zip(requests, verdicts):
         kwargs = request.kwargs or {}
         if verdict == "skip":
             acked.append(request.id)  # already cancelled/expired/finished: drop the duplicate
+            if detail in ("cancelled", "expired"):  # Flower saw it received: show how it ended
+                _send(hostname, "task-revoked", uuid=request.id, terminated=False, signum=None,
+                      expired=detail == "expired")
+                revoked_events = True
         elif verdict == "missing":  # its record outlived JOB_TTL_S: nobody can read a result any more
             log.warning("job %s has no record (older than JOB_TTL_S?); dropping its message", request.id)
             acked.append(request.id)
@@ -115,8 +120,8 @@ def infer(self, requests) -> dict[str, Any]:
                     max(0.0, started - created[request.id])))
 
     n_run = len(fresh) + len(suspects) + len(culprits)
-    if n_run:
-        _flush_events(hostname)  # task-started for the whole batch, in one message
+    if n_run or revoked_events:
+        _flush_events(hostname)  # task-started (and -revoked) for the whole batch, in one message
     _inject_faults(n_run)
     by_id = {r.id: r for r in requests}
     done = list(acked)

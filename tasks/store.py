@@ -202,12 +202,14 @@ class JobStore:
         pipe.execute()
 
     def forget(self, job_id: str, model: str, priority: str) -> None:
-        """Undo ``create`` when the message could not be published."""
+        """Undo ``create`` when the message could not be published. ``stats:submitted`` is a counter
+        (Prometheus reads a drop as a reset), so it stays; the job is counted as finished
+        ``withdrawn`` instead, and submitted = finished + unfinished still holds."""
         pipe = self.r.pipeline()
         pipe.delete(self.key(job_id))
         pipe.zrem(live_key(model), job_id)
         pipe.hincrby(f"waiting:{model}", priority, -1)
-        pipe.hincrby("stats:submitted", f"{model}|{priority}", -1)
+        pipe.hincrby("stats:finished", f"{model}|{priority}|withdrawn", 1)
         pipe.execute()
 
     def reserve_idempotency_key(self, owner: str, key: str, job_id: str) -> str | None:

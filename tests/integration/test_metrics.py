@@ -119,6 +119,7 @@ def test_api_metrics_add_up_every_gunicorn_process(client, api, stack_env):
         requests.post(f"{api}/jobs", json={"model": "flaky", "input": 12}, headers=fresh, timeout=10)
         assert requests.post(f"{api}/jobs", json={"model": "no-such-model", "input": "x"}, headers=fresh,
                              timeout=10).status_code == 404
+    assert requests.request("BREW", f"{api}/jobs", headers=fresh, timeout=10).status_code in (400, 405)
     huge = requests.post(f"{api}/jobs", json={"model": "flaky", "input": "x" * 3_000_000}, headers=fresh, timeout=30)
     assert huge.status_code == 413  # over MAX_BODY_BYTES: its model is never read
     waiting = [client.submit("idle", f"wait {i}", priority=p)["id"] for i, p in enumerate(["high", "high", "low"])]
@@ -133,6 +134,9 @@ def test_api_metrics_add_up_every_gunicorn_process(client, api, stack_env):
             assert delta("api_jobs_rejected_total", model="flaky", reason=reason) == 3
             assert delta("api_jobs_rejected_total", model="other", reason="unknown_model") == 2
             assert delta("api_jobs_rejected_total", model="other", reason="too_large") == 1
+            assert total(now, "cluster_up") == 1
+            assert not any(("method", "BREW") in labels for _name, labels in now)  # made-up methods: "other"
+            assert delta("api_request_seconds_count", method="other", status="405") == 1
             assert delta("jobs_submitted_total", model="idle", priority="high") == 2
             assert total(now, "queue_depth", model="idle", priority="high") >= 2
             assert total(now, "queue_depth", model="idle", priority="low") >= 1

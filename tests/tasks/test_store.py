@@ -31,6 +31,15 @@ def test_create_and_view(store):
     assert 0 < store.r.ttl(store.key(job_id)) <= 60
 
 
+def test_a_job_never_published_is_withdrawn_and_the_submitted_counter_never_drops(store):
+    job_id = new_job(store)
+    store.forget(job_id, "m", "high")  # the broker did not take its message
+    submitted, finished = store.counters()
+    assert submitted == {"m|high": "1"} and finished == {"m|high|withdrawn": "1"}
+    assert store.get(job_id) is None and store.unfinished("m") == 0
+    assert store.queue_depths("m", PRIORITIES)["high"] == 0
+
+
 def test_claim_runs_once_then_skips_finished_duplicates(store):
     job_id = new_job(store)
     assert store.claim([job_id], "w1", 1, max_deliveries=3) == [("run", 1)]
