@@ -146,17 +146,25 @@ def render(registry: Registry, credential: str) -> None:
 def write_prometheus_config(ports: dict[str, int]) -> None:
     """var/prometheus.yml: a scrape config for this stack (the API and every worker), ready for
     ``prometheus --config.file var/prometheus.yml``; grafana/dashboard.json charts what it scrapes."""
-    host = "127.0.0.1" if settings.WORKER_METRICS_HOST in ("0.0.0.0", "::") else settings.WORKER_METRICS_HOST
-    api_job = {"job_name": "inference-api", "static_configs": [{"targets": [f"127.0.0.1:{settings.API_PORT}"]}]}
+    def reachable(host: str) -> str:  # a wildcard bind is reached on loopback
+        return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+    api_job = {"job_name": "inference-api",
+               "static_configs": [{"targets": [f"{reachable(settings.API_HOST)}:{settings.API_PORT}"]}]}
     if settings.API_KEYS:
         api_job["authorization"] = {"type": "Bearer", "credentials": settings.API_KEYS[0]}
+    # Each worker's series carry their own model label; the target's label is "server", so that
+    # Prometheus does not rename theirs to exported_model.
     config = {"global": {"scrape_interval": "5s"}, "scrape_configs": [api_job, {
         "job_name": "inference-workers",
-        "static_configs": [{"targets": [f"{host}:{port}"], "labels": {"model": name}}
-                           for name, port in ports.items()]}]}
+        "static_configs": [{"targets": [f"{reachable(settings.WORKER_METRICS_HOST)}:{port}"],
+                            "labels": {"server": f"worker-{name}"}} for name, port in ports.items()]}]}
     path = VAR / "prometheus.yml"
-    path.write_text("# Written by make up (scripts/stack.py). JSON is YAML.\n" + json.dumps(config, indent=2) + "\n")
-    path.chmod(0o600)
+    # Created 0600 (it may hold an API key), never readable by others even for a moment.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("# Written by make up (scripts/stack.py). JSON is YAML.\n" + json.dumps(config, indent=2) + "\n")
+    path.chmod(0o600)  # (an older file keeps its mode through O_TRUNC)
 
 
 #: Room for long headers and URLs so the API (not gunicorn, in HTML) answers them with JSON errors.

@@ -24,14 +24,15 @@ def test_open_loop_times_each_job_from_its_arrival_by_priority():
     out = bench.open_loop(Delayed(0.05), rate=200, seconds=0.5, priorities=(("high", 0.5), ("low", 0.5)))
     assert 60 <= out["jobs"] <= 140 and out["failed"] == 0  # Poisson at 200/s for 0.5 s
     low, high = out["by_priority"]["low"], out["by_priority"]["high"]
-    assert 48 <= low["p50_ms"] <= 80 and 4 <= high["p50_ms"] <= 30
+    # from the scheduled arrival: the stand-in's delay, plus however late a busy machine submits
+    assert 48 <= low["p50_ms"] <= 150 and 4 <= high["p50_ms"] <= 100 and high["p50_ms"] < low["p50_ms"]
     assert len(low["cdf_ms"]) == low["jobs"] and low["cdf_ms"] == sorted(low["cdf_ms"])
 
 
 def test_saturate_counts_items_per_second_to_the_last_result():
     out = bench.saturate(Delayed(0.2), 20, threads=4)
     assert out["jobs"] == 20 and out["failed"] == 0
-    assert out["items_per_s"] == pytest.approx(20 / out["seconds"], rel=0.01)
+    assert out["items_per_s"] == pytest.approx(20 / out["seconds"], rel=0.05)  # (seconds is rounded to 10 ms)
     assert 0.2 <= out["seconds"] < 1.5
 
 
