@@ -40,7 +40,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 import requests  # noqa: E402
 
-from bench.models import inputs_for  # noqa: E402
+from bench.models import inputs_for, load_runner  # noqa: E402
 from tests.procs import Proc, free_port, start_api, start_redis, start_worker, wait_until, worker_ready  # noqa: E402
 
 CORES = sorted(os.sched_getaffinity(0))
@@ -83,15 +83,7 @@ def limit(model: str, threads: int, seconds: float) -> dict:
 
 
 def limit_child(model: str, threads: int, seconds: float) -> dict:
-    from models import build_runner, runner_class
-    from models.base import set_threads
-    from models.registry import Registry
-
-    spec = Registry.from_file(str(ROOT / "models.toml")).get(model)
-    runner_class(spec).preload()
-    set_threads(threads)
-    runner = build_runner(spec, device="cpu")
-    runner.timed_load()
+    spec, runner, _load_s = load_runner(str(ROOT / "models.toml"), model, threads)
     items = inputs_for(spec, spec.max_batch_size)
     runner(items[:2])
     sizes = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s <= spec.max_batch_size]
@@ -390,6 +382,14 @@ def plots(results: dict, out: Path) -> list[str]:
 
     models = list(results["models"])
     written = []
+
+    def save(fig, ax, title: str, name: str, **legend) -> None:
+        ax.set_title(title)
+        ax.legend(**legend)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        written.append(name)
+        plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.25
     for k, (key, label) in enumerate([("limit_items_per_s", "limit (model alone)"), ("ours_items_per_s", "ours"),
@@ -398,12 +398,7 @@ def plots(results: dict, out: Path) -> list[str]:
                width, label=label)
     ax.set_xticks(range(len(models)), models)
     ax.set_ylabel("items/s")
-    ax.set_title("Throughput at saturation")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=110)
-    written.append("throughput.png")
-    plt.close(fig)
+    save(fig, ax, "Throughput at saturation", "throughput.png")
 
     for m in models:
         r = results["models"][m]
@@ -416,12 +411,7 @@ def plots(results: dict, out: Path) -> list[str]:
         ax.set_xlabel("offered load (jobs/s, Poisson)")
         ax.set_ylabel("end-to-end ms")
         ax.set_yscale("log")
-        ax.set_title(f"{m}: latency vs load")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / f"latency-{m}.png", dpi=110)
-        written.append(f"latency-{m}.png")
-        plt.close(fig)
+        save(fig, ax, f"{m}: latency vs load", f"latency-{m}.png", fontsize=8)
 
         fig, ax = plt.subplots(figsize=(7, 4))
         for p, data in r["overload"]["by_priority"].items():
@@ -432,12 +422,7 @@ def plots(results: dict, out: Path) -> list[str]:
         ax.set_xscale("log")
         ax.set_xlabel("end-to-end ms")
         ax.set_ylabel("fraction of jobs")
-        ax.set_title(f"{m}: priorities under overload")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / f"priorities-{m}.png", dpi=110)
-        written.append(f"priorities-{m}.png")
-        plt.close(fig)
+        save(fig, ax, f"{m}: priorities under overload", f"priorities-{m}.png", fontsize=8)
     return written
 
 
@@ -462,6 +447,12 @@ def main() -> None:
     if args.limit_of:
         print(json.dumps(limit_child(args.limit_of, args.threads, args.seconds)))
         return
+    from models.registry import Registry
+
+    known = Registry.from_file(str(ROOT / "models.toml")).names()
+    unknown = [m for m in args.models.split(",") if m not in known]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; models.toml has {', '.join(known)}")
     os.sched_setaffinity(0, SERVICE_CORES)  # the load generator, with the API and Redis
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -79,8 +79,8 @@ def inputs_for(spec, n: int) -> list:
     return items
 
 
-def measure_one(models_file: str, name: str, threads: int, seconds: float) -> dict:
-    import settings
+def load_runner(models_file: str, name: str, threads: int):
+    """(spec, runner, load seconds): the model loaded on CPU as a worker's pool process loads it."""
     from models import build_runner, runner_class
     from models.base import set_threads
     from models.registry import Registry
@@ -89,7 +89,13 @@ def measure_one(models_file: str, name: str, threads: int, seconds: float) -> di
     runner_class(spec).preload()
     set_threads(threads)
     runner = build_runner(spec, device="cpu")
-    load_s = runner.timed_load()
+    return spec, runner, runner.timed_load()
+
+
+def measure_one(models_file: str, name: str, threads: int, seconds: float) -> dict:
+    import settings
+
+    spec, runner, load_s = load_runner(models_file, name, threads)
     batch = spec.max_batch_size
     items = inputs_for(spec, batch)
     runner(items[:2])  # warm up

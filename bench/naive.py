@@ -23,17 +23,11 @@ _runners: dict = {}
 
 
 def _runner(model: str):
-    if model not in _runners:
-        from models import build_runner, runner_class
-        from models.base import set_threads
-        from models.registry import Registry
+    if model not in _runners:  # once per worker process, as a naive task would cache it
+        from bench.models import load_runner
 
-        spec = Registry.from_file(os.environ.get("MODELS_FILE", str(ROOT / "models.toml"))).get(model)
-        runner_class(spec).preload()
-        set_threads(int(os.environ.get("TORCH_THREADS", "1")))
-        runner = build_runner(spec, device="cpu")
-        runner.timed_load()
-        _runners[model] = runner
+        _spec, _runners[model], _load_s = load_runner(os.environ.get("MODELS_FILE", str(ROOT / "models.toml")),
+                                                      model, int(os.environ.get("TORCH_THREADS", "1")))
     return _runners[model]
 
 
