@@ -42,7 +42,13 @@ stamp=.venv/.requirements.sha
 want="$(sha256sum requirements.txt | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing Python packages into .venv (torch is large: a few minutes the first time)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+  # torch's CUDA build with its nvidia-* wheels is ~6 GB installed; the downloads need ~3 GB more
+  # while pip runs. --no-cache-dir keeps pip from leaving a second copy of them in ~/.cache/pip.
+  free_kb="$(df -Pk .venv | awk 'NR==2 {print $4}')"
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt $((10 * 1024 * 1024)) ]; then
+    echo "warning: $((free_kb / 1024 / 1024)) GB free here; installing the packages needs about 10 GB" >&2
+  fi
+  .venv/bin/python -m pip install -q --no-cache-dir --disable-pip-version-check -r requirements.txt
   echo "$want" > "$stamp"
 fi
 
