@@ -12,7 +12,10 @@ For each model, on this machine, in one run:
    latency at the same absolute loads;
 4. overhead at idle: one job at a time over HTTP, end-to-end minus the model's own single-item time;
 5. priorities under overload: 2x our rate for a while, 20% high and 80% low; p95 of each, and of
-   high at idle.
+   high at idle;
+6. adaptive vs fixed batching: on the same worker (``celery control set_batching``), items/s at
+   saturation and the idle overhead for adaptive batching and for fixed settings: the entry's
+   max_batch_size, and the limit run's best batch size, each with the entry's max_wait_ms and with 0.
 
 The worker (and the limit and naive runs) get the first half of this process's cores, with that many
 torch threads; Redis, the API and the load generator get the rest (taskset): as a deployment would
@@ -256,6 +259,47 @@ def sequential(driver, n: int, priority: str = "normal") -> list[float]:
     return times
 
 
+def set_batching(env: dict, model: str, size: int, wait_ms: float, mode: str) -> None:
+    out = subprocess.run([str(Path(sys.executable).parent / "celery"), "-A", "workers", "control", "set_batching",
+                          model, str(size), str(wait_ms), mode], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, timeout=60)
+    if out.returncode != 0 or f"batching={mode}" not in out.stdout:
+        raise RuntimeError(f"set_batching failed: {out.stdout} {out.stderr[-2000:]}")
+
+
+def batching_settings(spec, best_batch: int) -> list[tuple[str, int, float]]:
+    """(mode, max_batch_size, max_wait_ms): adaptive as configured, then the fixed settings a user
+    would try: the entry's size and the limit's best size, each with the entry's wait and with none.
+
+    >>> from types import SimpleNamespace as S
+    >>> batching_settings(S(max_batch_size=64, max_wait_ms=10.0), 16)
+    [('adaptive', 64, 10.0), ('fixed', 64, 10.0), ('fixed', 64, 0.0), ('fixed', 16, 10.0), ('fixed', 16, 0.0)]
+    """
+    out = [("adaptive", spec.max_batch_size, spec.max_wait_ms)]
+    for size in dict.fromkeys([spec.max_batch_size, best_batch]):
+        for wait in dict.fromkeys([spec.max_wait_ms, 0.0]):
+            out.append(("fixed", size, wait))
+    return out
+
+
+def compare_batching(driver, env: dict, spec, lim: dict, quick: bool) -> list[dict]:
+    """Items/s at saturation and idle overhead for each batching setting, on the running worker."""
+    rows = []
+    n_sat = max(40, int(lim["limit_items_per_s"] * (4 if quick else 12)))
+    n_idle = 10 if quick else 40
+    for mode, size, wait in batching_settings(spec, lim["best_batch"]):
+        set_batching(env, spec.name, size, wait, mode)
+        sequential(driver, 3)  # settle
+        sat = saturate(driver, n_sat)
+        idle = [t - lim["single_ms_p50"] for t in sequential(driver, n_idle)]
+        rows.append({"batching": mode, "max_batch_size": size, "max_wait_ms": wait, "items_per_s": sat["items_per_s"],
+                     "idle_overhead_ms_p50": pct(idle, 50), "jobs": n_sat})
+        say(f"{spec.name}: {mode} batching, max {size}, wait {wait} ms: {sat['items_per_s']} items/s, "
+            f"idle overhead p50 {pct(idle, 50)} ms")
+    set_batching(env, spec.name, spec.max_batch_size, spec.max_wait_ms, spec.batching)
+    return rows
+
+
 def scrape(url: str) -> dict[str, float]:
     """A worker's metrics, summed by name over labels."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -298,14 +342,11 @@ def bench_model(model: str, args, work: Path) -> dict:
             worker = start_worker(model, {**env, "WORKER_METRICS_PORT": str(metrics_port)}, work)
         procs.append(worker)
         worker_ready(redis_url, model, worker, timeout_s=180)
-        if args.max_batch_size or args.max_wait_ms is not None:  # a fixed setting other than the entry's
+        result["batching"] = args.batching or spec.batching
+        if args.max_batch_size or args.max_wait_ms is not None or args.batching:  # not the entry's setting
             size = args.max_batch_size or spec.max_batch_size
             wait_ms = spec.max_wait_ms if args.max_wait_ms is None else args.max_wait_ms
-            out = subprocess.run([str(Path(sys.executable).parent / "celery"), "-A", "workers", "control",
-                                  "set_batching", model, str(size), str(wait_ms)], cwd=ROOT, capture_output=True,
-                                 text=True, env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, timeout=60)
-            if out.returncode != 0 or "max_batch_size" not in out.stdout:
-                raise RuntimeError(f"set_batching failed: {out.stdout} {out.stderr[-2000:]}")
+            set_batching(env, model, size, wait_ms, result["batching"])
             result["max_batch_size"], result["max_wait_ms"] = size, float(wait_ms)
         ours = Ours(api, model, items)
         sequential(ours, 3)  # load the model in the pool process
@@ -332,6 +373,10 @@ def bench_model(model: str, args, work: Path) -> dict:
         overhead = [t - lim["single_ms_p50"] for t in idle]
         say(f"{model}: priorities at 2x our rate for {window:.0f}s")
         overload = open_loop(ours, 2 * rate, window, priorities=(("high", 0.2), ("low", 0.8)))
+        comparison = None
+        if not args.no_compare:
+            say(f"{model}: adaptive vs fixed batching")
+            comparison = compare_batching(ours, env, spec, lim, quick)
 
         with on_cores(MODEL_CORES):
             naive_worker = Proc(f"naive-{model}", [str(Path(sys.executable).parent / "celery"), "-A", "bench.naive",
@@ -368,7 +413,7 @@ def bench_model(model: str, args, work: Path) -> dict:
         "high_p95_ms_idle": pct(idle_high, 95),
         "high_p95_ms_overload": overload["by_priority"]["high"]["p95_ms"],
         "low_p95_ms_overload": overload["by_priority"]["low"]["p95_ms"],
-        "ours_saturation": sat, "naive_saturation": naive_sat,
+        "ours_saturation": sat, "naive_saturation": naive_sat, "batching_comparison": comparison,
         "ours_latency_by_load": ours_loads, "naive_latency_by_load": naive_loads, "overload": overload,
     })
     return result
@@ -440,6 +485,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--max-batch-size", type=int, help="run our worker with this max batch size")
     parser.add_argument("--max-wait-ms", type=float, help="... and this max wait (0: flush as soon as free)")
+    parser.add_argument("--batching", choices=("adaptive", "fixed"), help="... and this batching mode")
+    parser.add_argument("--no-compare", action="store_true", help="skip the adaptive vs fixed batching comparison")
     parser.add_argument("--limit-of", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=3.0, help=argparse.SUPPRESS)
@@ -466,6 +513,7 @@ def main() -> None:
                          "redis, API and load generator": SERVICE_CORES},
                "versions": versions(), "models": {},
                "settings": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+                            "batching": args.batching,
                             "torch_threads": len(MODEL_CORES), "worker_concurrency": 1, "api_workers": 2,
                             "task_sent_events": os.environ.get("TASK_SENT_EVENTS", "0") == "1"}}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:

@@ -32,7 +32,7 @@ TASKS = {
 SOURCE_KINDS = ("sentence-transformers", "hf", "torchvision", "efficientnet-lite", "python")
 
 _KEYS = {
-    "task", "source", "weights", "labels", "max_batch_size", "max_wait_ms", "threads",
+    "task", "source", "weights", "labels", "max_batch_size", "max_wait_ms", "batching", "threads",
     "device", "half", "top_k", "description", "options",
 }
 
@@ -48,6 +48,9 @@ class ModelSpec:
     labels: dict[str, list[str]] | list[str] | None = None
     max_batch_size: int = 32
     max_wait_ms: float = 10.0
+    #: "adaptive": learn the best batch size up to max_batch_size, wait only when it pays;
+    #: "fixed": wait up to max_wait_ms for max_batch_size inputs
+    batching: str = "adaptive"
     threads: int = 0
     device: str = "auto"
     half: bool = False
@@ -77,7 +80,8 @@ class ModelSpec:
         return {
             "name": self.name, "task": self.task, "input": self.input_kind,
             "source": self.source, "queue": self.queue, "description": self.description,
-            "batch": {"max_batch_size": self.max_batch_size, "max_wait_ms": self.max_wait_ms},
+            "batch": {"max_batch_size": self.max_batch_size, "max_wait_ms": self.max_wait_ms,
+                      "batching": self.batching},
             **({"labels": self.labels} if self.task == "zero-shot-image" and self.labels else {}),
         }
 
@@ -137,6 +141,8 @@ def _check_entry(name: str, raw: Any) -> ModelSpec:
     if "max_wait_ms" in raw and (not isinstance(raw["max_wait_ms"], (int, float))
                                  or not 0 <= raw["max_wait_ms"] <= 60_000):
         raise ConfigError(f"{where}: max_wait_ms must be a number in [0, 60000]")
+    if raw.get("batching", "adaptive") not in ("adaptive", "fixed"):
+        raise ConfigError(f"{where}: batching must be \"adaptive\" or \"fixed\", got {raw.get('batching')!r}")
     if raw.get("device", "auto") not in ("auto", "cpu", "cuda") and not str(
             raw.get("device")).startswith("cuda:"):
         raise ConfigError(f"{where}: device must be auto, cpu, cuda or cuda:N")
@@ -168,7 +174,8 @@ def _check_entry(name: str, raw: Any) -> ModelSpec:
     return ModelSpec(
         name=name, task=raw["task"], source=raw["source"], weights=raw.get("weights"),
         labels=labels, max_batch_size=raw.get("max_batch_size", 32),
-        max_wait_ms=float(raw.get("max_wait_ms", 10.0)), threads=raw.get("threads", 0),
+        max_wait_ms=float(raw.get("max_wait_ms", 10.0)), batching=raw.get("batching", "adaptive"),
+        threads=raw.get("threads", 0),
         device=raw.get("device", "auto"), half=raw.get("half", False), top_k=raw.get("top_k", 5),
         description=raw.get("description", ""), options=raw.get("options", {}),
     )

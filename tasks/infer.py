@@ -91,6 +91,7 @@ def infer(self, requests) -> dict[str, Any]:
     started = time.time()
     batch_id = uuid.uuid4().hex[:12]  # ties a batch's log lines together
     stored_inputs: dict[str, list] = {}
+    load_s = 0.0  # spent loading the model (a first batch): not a cost of the batch's size
     created: dict[str, float] = {}
     verdicts = store.claim([r.id for r in requests], hostname, len(requests), settings.MAX_DELIVERIES,
                            now=started, inputs=stored_inputs, created=created)
@@ -143,8 +144,9 @@ def infer(self, requests) -> dict[str, Any]:
                         group[0].id, attempts[group[0].id])
             store.mark_alone(group[0].id)
         group_started = time.time()
-        outcomes, model_s = _run(group)
+        outcomes, model_s, loaded_s = _run(group)
         run_s += model_s
+        load_s += loaded_s
         items = settled + _items(outcomes, attempts)
         settled = []
         done += _settle(self, store, hostname, items, by_id, attempts, time.time() - group_started, batch_id,
@@ -158,7 +160,7 @@ def infer(self, requests) -> dict[str, Any]:
                  "model_ms": round(run_s * 1000, 2), "total_ms": round((time.time() - started) * 1000, 2)})
     # What the worker's main process acks, and its batching figures (celery inspect batching).
     return {"ids": done, "jobs": n_run, "inputs": sum(len(job.items) for group in groups for job in group),
-            "run_ms": round(run_s * 1000, 3)}
+            "run_ms": round(run_s * 1000, 3), "pool_ms": round((time.time() - started - load_s) * 1000, 3)}
 
 
 def _items(outcomes: list[Outcome], attempts: dict[str, int]) -> list[dict[str, Any]]:
@@ -248,24 +250,25 @@ def _inject_faults(n_jobs: int) -> None:
         os._exit(70)
 
 
-def _run(jobs: list[Job]) -> tuple[list[Outcome], float]:
-    """The jobs' outcomes, and the seconds spent in the model (not loading it)."""
+def _run(jobs: list[Job]) -> tuple[list[Outcome], float, float]:
+    """The jobs' outcomes, the seconds spent in the model, and those spent loading it."""
     if not jobs:
-        return [], 0.0
+        return [], 0.0, 0.0
+    loading = time.perf_counter()
     try:
         runner = state.runner()
     except ConfigError as exc:  # the entry is wrong: every job fails now, with the entry's name
         log.error("model cannot be loaded: %s", exc)
-        return [Outcome(job.id, "failed", error=error_dict(exc)) for job in jobs], 0.0
+        return [Outcome(job.id, "failed", error=error_dict(exc)) for job in jobs], 0.0, 0.0
     except Exception as exc:  # may pass (a hub that is down): retry with backoff, then fail
         log.exception("model failed to load")
         error = {"type": type(exc).__name__, "message": f"model {state.spec.name!r} failed to load: {exc}"}
-        return [Outcome(job.id, "retry", error=error) for job in jobs], 0.0
+        return [Outcome(job.id, "retry", error=error) for job in jobs], 0.0, 0.0
     started = time.perf_counter()
     outcomes = execute(runner, jobs, state.spec.max_batch_size)
     model_s = time.perf_counter() - started
     _metric(lambda: _observe_batch(jobs, model_s))
-    return outcomes, model_s
+    return outcomes, model_s, started - loading
 
 
 def _priority(request) -> str:

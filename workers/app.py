@@ -51,7 +51,8 @@ class ModelBinding(bootsteps.Step):
         concurrency = max(1, worker.concurrency or 1)
         worker.prefetch_multiplier = max(worker.prefetch_multiplier or 1,
                                          math.ceil(2 * spec.max_batch_size / concurrency))
-        worker.app.tasks["tasks.infer"].configure(spec.max_batch_size, spec.max_wait_ms)
+        worker.app.tasks["tasks.infer"].configure(spec.max_batch_size, spec.max_wait_ms,
+                                                  adaptive=spec.batching == "adaptive")
         if settings.WORKER_METRICS_PORT:
             # Before the pool forks: its processes write their samples where /metrics reads them.
             import metrics

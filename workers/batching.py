@@ -181,3 +181,129 @@ class BatchStats:
             "window_s": self.window_s,
             "inference_ms_p50": pct(0.5), "inference_ms_p95": pct(0.95),
         }
+
+
+class AdaptiveBatcher:
+    """Learns what a batch costs this worker at each size, and picks batch sizes from it.
+
+    The cost is the pool's whole time for a batch (claim, model, store) per input, kept per size
+    bucket (1, 2, 4, ... up to ``max_size``) as a moving average. A linear fit of batch time against
+    size (BentoML's model) cannot say that a CNN runs slower per image at 32 than at 8 on a CPU;
+    buckets can, and there are only log2(max_size) of them to learn.
+
+    * ``target(available)``: with a backlog, the next batch takes the best-measured bucket's size.
+      Buckets with fewer than ``MIN_SAMPLES`` batches are tried first (smallest first, and none
+      above a size that costs more per input than a smaller one), and every
+      ``EXPLORE_EVERY`` batches a neighbour of the best is tried again, so the choice follows
+      drift (other inputs, another process on the machine).
+    * ``should_wait(buffered)``: with a process free, run what is buffered now unless jobs arrive
+      faster than batches of that size could serve them; then wait for more (the caller bounds the
+      wait by ``max_wait_ms``). At idle it never waits.
+
+    >>> b = AdaptiveBatcher(max_size=8)
+    >>> b.sizes
+    [1, 2, 4, 8]
+    >>> for size, ms in [(1, 10), (2, 12), (4, 16), (8, 40)] * 3:  # 8 costs more per input than 4
+    ...     b.record(size, ms / 1000)
+    >>> b.best(), b.target(available=100)
+    (4, 4)
+    >>> b.should_wait(1, now=0.0)  # no arrivals seen: run now
+    False
+    """
+
+    MIN_SAMPLES = 3
+    EXPLORE_EVERY = 25
+    ALPHA = 0.2
+
+    def __init__(self, max_size: int, processes: int = 1):
+        if max_size < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
+        self.max_size = max_size
+        self.processes = max(1, processes)
+        self.sizes = sorted({2 ** i for i in range(max_size.bit_length()) if 2 ** i <= max_size} | {max_size})
+        self.cost: dict[int, float] = {}  # bucket -> seconds per input (moving average)
+        self.samples: dict[int, int] = {s: 0 for s in self.sizes}
+        self.batches = 0
+        self._gap: float | None = None  # moving average of seconds between arrivals
+        self._last: float | None = None
+        self._explore_up = True
+
+    def bucket(self, inputs: int) -> int:
+        """The largest bucket size that ``inputs`` fills."""
+        return max(s for s in self.sizes if s <= max(1, inputs))
+
+    def record(self, inputs: int, seconds: float) -> None:
+        """One batch of ``inputs`` inputs took the pool ``seconds``."""
+        if inputs < 1 or seconds <= 0:
+            return
+        b = self.bucket(inputs)
+        per = seconds / inputs
+        n = self.samples[b]
+        if n < self.MIN_SAMPLES:  # the mean of the first few, then a moving average
+            self.cost[b] = per if n == 0 else (self.cost[b] * n + per) / (n + 1)
+        else:
+            self.cost[b] = (1 - self.ALPHA) * self.cost[b] + self.ALPHA * per
+        self.samples[b] += 1
+        self.batches += 1
+
+    def best(self) -> int:
+        known = {s: c for s, c in self.cost.items() if self.samples[s] >= self.MIN_SAMPLES}
+        return min(known, key=known.get) if known else self.max_size
+
+    def _explored_up_to(self) -> int:
+        """The largest size worth learning at start: sizes above one that costs more per input
+        than a smaller size are skipped (the cost per input falls, then rises; it does not fall again)."""
+        cheapest = None
+        for size in self.sizes:
+            if self.samples[size] < self.MIN_SAMPLES:
+                return self.max_size
+            cost = self.cost[size]
+            if cheapest is not None and cost > 1.1 * cheapest:
+                return size
+            cheapest = cost if cheapest is None else min(cheapest, cost)
+        return self.max_size
+
+    def target(self, available: int) -> int:
+        """How many inputs the next batch may take, ``available`` being buffered."""
+        ceiling = self._explored_up_to()
+        for size in self.sizes:  # learn each size the backlog can fill, smallest first
+            if size > ceiling or size > available:
+                break
+            if self.samples[size] < self.MIN_SAMPLES:
+                return size
+        best = self.best()
+        if self.batches and self.batches % self.EXPLORE_EVERY == 0:
+            i = self.sizes.index(best)
+            self._explore_up = not self._explore_up
+            j = i + 1 if self._explore_up else i - 1
+            if 0 <= j < len(self.sizes) and self.sizes[j] <= available:
+                return self.sizes[j]
+        return best
+
+    def arrived(self, now: float) -> None:
+        if self._last is not None:
+            gap = max(0.0, now - self._last)
+            self._gap = gap if self._gap is None else 0.9 * self._gap + 0.1 * gap
+        self._last = now
+
+    def arrival_rate(self, now: float) -> float:
+        """Jobs per second lately (0 when none came for a while)."""
+        if self._gap is None or self._last is None:
+            return 0.0
+        gap = max(self._gap, now - self._last)  # a quiet spell counts at once
+        return 1.0 / gap if gap > 0 else float("inf")
+
+    def should_wait(self, buffered: int, now: float) -> bool:
+        """A process is free and ``buffered`` inputs are ready: wait for more?"""
+        if buffered >= min(self.best(), self.max_size):
+            return False
+        per_input = self.cost.get(self.bucket(buffered))
+        if per_input is None:
+            return False
+        # batches of this size serve processes / per_input inputs per second; arrivals outpace that?
+        return self.arrival_rate(now) * per_input > self.processes
+
+    def summary(self) -> dict[str, Any]:
+        return {"target_batch": self.best(),
+                "ms_per_input_by_batch": {s: round(c * 1000, 3) for s, c in sorted(self.cost.items())},
+                "batches_by_size": {s: n for s, n in self.samples.items() if n}}

@@ -9,6 +9,12 @@ This subclass:
 * flushes only when a pool process is free, taking up to ``flush_every``
   inputs (not jobs: a job's ``inputs`` list counts in full), most urgent
   priority first (``workers.batching.plan``);
+* adaptive batching (the default): learns the cost of each batch size as it runs
+  (``workers.batching.AdaptiveBatcher``), takes the most efficient size when
+  there is a backlog, and runs a job at once when the pool is free unless
+  arrivals outpace what that batch size can serve (then it waits, at most
+  ``flush_interval``); fixed batching waits ``flush_interval`` for
+  ``flush_every`` inputs, as celery-batches does;
 * acks exactly the requests the batch function says it finished (stored a
   result for, or found already terminal), and puts the rest back on the queue;
 * requeues a whole batch whose pool process died;
@@ -28,7 +34,7 @@ from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
 from kombu.asynchronous.timer import to_timestamp
 
-from workers.batching import BatchStats, plan
+from workers.batching import AdaptiveBatcher, BatchStats, plan
 
 log = logging.getLogger(__name__)
 _LOWEST = 255
@@ -59,29 +65,39 @@ class ModelBatches(Batches):
     #: A batch no pool process has accepted after this long is taken back and requeued (it is only
     #: handed over when a process is free, so a healthy pool accepts it within milliseconds).
     NOT_ACCEPTED_AFTER_S = 30.0
+    #: Learn batch sizes as it runs (the default), or wait for ``flush_every`` as configured.
+    adaptive = True
 
     def __init__(self) -> None:
         super().__init__()
         self._running: dict[Any, list] = {}  # the pool's result handle of each batch it holds -> requests
         self._sent_at: dict[Any, float] = {}  # ... -> when it was handed to the pool (monotonic)
         self.stats = BatchStats()
+        self.policy = AdaptiveBatcher(self.flush_every)
 
-    def configure(self, max_batch_size: int, max_wait_ms: float) -> None:
-        """Set the batch limits; on a running worker (``celery control set_batching``) too: the
-        flush timer restarts with the new wait on the next message."""
+    def configure(self, max_batch_size: int, max_wait_ms: float, adaptive: bool | None = None) -> None:
+        """Set the batch limits (and the mode); on a running worker (``celery control
+        set_batching``) too: the flush timer restarts with the new wait on the next message."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if max_batch_size != self.flush_every or not hasattr(self, "policy"):
+            self.policy = AdaptiveBatcher(max_batch_size, self._processes())
         self.flush_every = max_batch_size
+        if adaptive is not None:
+            self.adaptive = bool(adaptive)
         self.flush_interval = max(max_wait_ms / 1000.0, 0.001)
         if getattr(self, "_tref", None) is not None:
             self._tref.cancel()
             self._tref = self._timer.call_repeatedly(self.flush_interval, self._do_flush)
 
+    def _processes(self) -> int:
+        return max(1, getattr(getattr(self, "_pool", None), "num_processes", 1) or 1)
+
     def _busy(self) -> bool:
         self._forget_dropped()
-        return len(self._running) >= max(1, getattr(self._pool, "num_processes", 1) or 1)
+        return len(self._running) >= self._processes()
 
     def _forget_dropped(self, now: float | None = None) -> None:
         """When the broker connection is lost, Celery flushes the pool: batches no process had
@@ -158,7 +174,10 @@ class ModelBatches(Batches):
                 continue
             else:
                 ready.append(request)
-        batch, rest = plan(ready, self.flush_every, _priority, _inputs)
+        limit = self.flush_every
+        if self.adaptive and ready:
+            limit = self.policy.target(sum(_inputs(r) for r in ready))
+        batch, rest = plan(ready, limit, _priority, _inputs)
         for request in rest:
             self._buffer.put(request)
         if batch:
@@ -186,6 +205,8 @@ class ModelBatches(Batches):
             if isinstance(value, dict):  # ids to ack, plus the batch's figures
                 self.stats.record(value.get("jobs", 0), value.get("inputs", 0), value.get("run_ms", 0.0),
                                   monotonic())
+                if value.get("jobs"):
+                    self.policy.record(value.get("inputs", 0), value.get("pool_ms", 0.0) / 1000)
                 value = value.get("ids")
             done = set(value or ())
             try:
@@ -232,8 +253,28 @@ class ModelBatches(Batches):
                 pass
             self._tref = None
         handler = super().Strategy(task, app, consumer)
+        self.policy.processes = self._processes()
         if not (self._buffer.empty() and self._pending.empty()):
             self._tref = self._timer.call_repeatedly(self.flush_interval, self._do_flush)
-        return handler
+
+        def adaptive_handler(*args: Any, **kwargs: Any) -> None:
+            handler(*args, **kwargs)  # buffers the request (and starts the max-wait timer)
+            self._on_arrival()
+
+        return adaptive_handler
+
+    def _on_arrival(self) -> None:
+        """Adaptive batching, as a request is buffered: with a pool process free, run now unless
+        the policy says arrivals outpace batches this small (then the max-wait timer, a later
+        arrival or a returning batch flushes)."""
+        if not self.adaptive:
+            return
+        now = monotonic()
+        self.policy.arrived(now)
+        if self._busy():
+            return  # the running batch's return flushes
+        buffered = sum(_inputs(r) for r in list(self._buffer.queue))
+        if not self.policy.should_wait(buffered, now):
+            self._do_flush()
 
 

@@ -2,8 +2,9 @@
 
 * ``celery -A workers inspect batching``: each worker's model and batching figures (batches run,
   mean batch size, items/s over the last minute, model time per batch p50/p95) and its limits;
-* ``celery -A workers control set_batching MODEL MAX_BATCH_SIZE [MAX_WAIT_MS]``: change a model's
-  batch limits on its live workers (workers serving another model answer that they skipped it).
+* ``celery -A workers control set_batching MODEL MAX_BATCH_SIZE [MAX_WAIT_MS [adaptive|fixed]]``:
+  change a model's batch limits (and batching mode) on its live workers (workers serving another
+  model answer that they skipped it).
   The change lasts until the worker restarts; the models file stays the source of truth.
 """
 
@@ -27,19 +28,19 @@ def batching(state):
 
     task = _task(state)
     spec = worker_state.spec
-    return {"model": spec.name if spec else None,
+    return {"model": spec.name if spec else None, "batching": "adaptive" if task.adaptive else "fixed",
             "max_batch_size": task.flush_every, "max_wait_ms": round(task.flush_interval * 1000, 3),
             "prefetch": state.consumer.qos.value if state.consumer.qos else None,
-            **task.stats.summary(monotonic())}
+            **task.stats.summary(monotonic()), **task.policy.summary()}
 
 
 @control_command(
     # Numbers arrive as text and are checked here: typed args would make the CLI itself crash with a
     # traceback on "abc"; this way the worker answers with a clear error.
-    args=[("model", str), ("max_batch_size", str), ("max_wait_ms", str)],
-    signature="<model> <max_batch_size> [max_wait_ms]",
+    args=[("model", str), ("max_batch_size", str), ("max_wait_ms", str), ("mode", str)],
+    signature="<model> <max_batch_size> [max_wait_ms [adaptive|fixed]]",
 )
-def set_batching(state, model, max_batch_size, max_wait_ms=None):
+def set_batching(state, model, max_batch_size, max_wait_ms=None, mode=None):
     """Change the batch limits of ``model`` on this worker, if it serves that model."""
     from workers import state as worker_state
 
@@ -53,11 +54,14 @@ def set_batching(state, model, max_batch_size, max_wait_ms=None):
     except (TypeError, ValueError):
         return {"error": f"max_batch_size must be an integer and max_wait_ms a number of milliseconds, "
                          f"got {max_batch_size!r} and {max_wait_ms!r}"}
+    if mode not in (None, "adaptive", "fixed"):
+        return {"error": f"mode must be adaptive or fixed, got {mode!r}"}
     try:
-        task.configure(size, wait_ms)
+        task.configure(size, wait_ms, adaptive=None if mode is None else mode == "adaptive")
     except ValueError as exc:
         return {"error": str(exc)}
     qos = state.consumer.qos
     if qos is not None and qos.value < 2 * task.flush_every:  # room to buffer two batches
         qos.set(2 * task.flush_every)
-    return {"ok": f"{model}: max_batch_size={task.flush_every} max_wait_ms={round(task.flush_interval * 1000, 3)}"}
+    return {"ok": f"{model}: max_batch_size={task.flush_every} max_wait_ms={round(task.flush_interval * 1000, 3)} "
+                  f"batching={'adaptive' if task.adaptive else 'fixed'}"}

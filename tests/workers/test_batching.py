@@ -94,3 +94,79 @@ def test_doctests():
     import workers.batching
 
     assert doctest.testmod(workers.batching).failed == 0
+
+
+def _learn(batcher, ms_by_size, rounds=3):
+    for _ in range(rounds):
+        for size, ms in ms_by_size.items():
+            batcher.record(size, ms / 1000)
+
+
+def test_adaptive_batching_learns_the_most_efficient_size_whichever_shape_the_cost_has():
+    from workers.batching import AdaptiveBatcher
+
+    text = AdaptiveBatcher(max_size=64)  # per-input cost falls all the way (MiniLM-like)
+    assert text.sizes == [1, 2, 4, 8, 16, 32, 64]
+    _learn(text, {1: 16, 2: 22, 4: 30, 8: 50, 16: 95, 32: 185, 64: 360})
+    assert text.best() == 64 and text.target(available=500) == 64
+    cnn = AdaptiveBatcher(max_size=16)  # per-input cost rises past 2 (a CNN on one core)
+    _learn(cnn, {1: 30, 2: 56, 4: 130, 8: 280, 16: 600})
+    assert cnn.best() == 2 and cnn.target(available=500) == 2
+    odd = AdaptiveBatcher(max_size=24)
+    assert odd.sizes == [1, 2, 4, 8, 16, 24] and odd.bucket(20) == 16 and odd.bucket(24) == 24 and odd.bucket(0) == 1
+
+
+def test_adaptive_batching_tries_each_size_the_backlog_fills_then_neighbours_now_and_then():
+    from workers.batching import AdaptiveBatcher
+
+    b = AdaptiveBatcher(max_size=8)
+    seen = []
+    for _ in range(12):  # a long backlog: 1, 1, 1, 2, 2, 2, 4, ... each size learnt MIN_SAMPLES times
+        size = b.target(available=100)
+        seen.append(size)
+        b.record(size, {1: 0.010, 2: 0.012, 4: 0.016, 8: 0.040}[size])
+    assert seen == [1] * 3 + [2] * 3 + [4] * 3 + [8] * 3
+    assert b.target(available=3) == 4  # a cap: the batch takes the 3 there are
+    tried = []
+    for _ in range(2 * b.EXPLORE_EVERY):
+        size = b.target(available=100)
+        tried.append(size)
+        b.record(size, {2: 0.012, 4: 0.016, 8: 0.040}[size])
+    assert tried.count(4) >= 2 * b.EXPLORE_EVERY - 2 and {2, 8} <= set(tried)  # mostly the best, neighbours too
+    with pytest.raises(ValueError):
+        AdaptiveBatcher(max_size=0)
+
+
+def test_adaptive_batching_waits_only_when_arrivals_outpace_the_batch_size_at_hand():
+    from workers.batching import AdaptiveBatcher
+
+    b = AdaptiveBatcher(max_size=64)
+    _learn(b, {1: 16, 2: 22, 4: 30, 8: 50, 16: 95, 32: 185, 64: 360})  # 62 items/s at 1, 133 at 4
+    assert not b.should_wait(1, now=0.0)  # no arrivals seen yet
+    for i in range(50):  # 20 jobs/s: batches of 1 keep up
+        b.arrived(i * 0.05)
+    assert 19 < b.arrival_rate(2.45) < 21 and not b.should_wait(1, now=2.45)
+    for i in range(100):  # then 100 jobs/s: batches of 1 (62/s) or 2 (91/s) fall behind, 4 keeps up
+        b.arrived(2.5 + i * 0.01)
+    now = 2.5 + 99 * 0.01
+    assert b.should_wait(1, now) and b.should_wait(2, now) and not b.should_wait(4, now)
+    assert not b.should_wait(1, now + 1.0)  # a quiet second: idle again, no waiting
+    assert b.arrival_rate(now + 1.0) <= 1.0
+    two = AdaptiveBatcher(max_size=64, processes=2)  # two processes serve twice as fast
+    _learn(two, {1: 16, 2: 22, 4: 30, 8: 50, 16: 95, 32: 185, 64: 360})
+    for i in range(100):
+        two.arrived(i * 0.01)
+    assert not two.should_wait(1, 0.99)
+
+
+def test_adaptive_batching_stops_trying_bigger_sizes_once_one_costs_more_per_input():
+    from workers.batching import AdaptiveBatcher
+
+    b = AdaptiveBatcher(max_size=64)
+    cost_ms = {1: 30, 2: 70, 4: 150, 8: 320, 16: 700, 32: 1500, 64: 3200}  # a CNN: batch 1 is best
+    seen = []
+    for _ in range(10):
+        size = b.target(available=1000)
+        seen.append(size)
+        b.record(size, cost_ms[size] / 1000)
+    assert seen == [1, 1, 1, 2, 2, 2, 1, 1, 1, 1]  # 2 costs more per image: 4..64 are never tried

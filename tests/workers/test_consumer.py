@@ -114,3 +114,28 @@ def test_a_consumer_restart_restarts_the_flush_timer(monkeypatch):
     consumer.timer = FakeTimer()  # the old loop's timers are gone
     task.Strategy(task, app, consumer)
     assert len(consumer.timer.entries) == 1 and task._tref is consumer.timer.entries[0]
+
+
+def test_adaptive_batching_runs_an_arrival_at_once_when_the_pool_is_free_and_fixed_batching_waits(monkeypatch):
+    task = _task(monkeypatch)
+    monkeypatch.setattr(task, "_ready", lambda r: True, raising=False)
+    task._tref = None
+    first = FakeRequest("first")
+    first.eta, first.acknowledged, first.kwargs, first.delivery_info = None, False, {}, {"priority": 5}
+    task._buffer.put(first)
+    task._on_arrival()
+    assert len(task._pool.calls) == 1 and task._buffer.empty()  # idle: no wait
+    second = FakeRequest("second")
+    second.eta, second.acknowledged, second.kwargs, second.delivery_info = None, False, {}, {"priority": 5}
+    task._buffer.put(second)
+    task._on_arrival()
+    assert len(task._pool.calls) == 1 and not task._buffer.empty()  # busy: the returning batch flushes it
+    task._pool.calls[0][0]({"ids": ["first"], "jobs": 1, "inputs": 1, "run_ms": 9.0, "pool_ms": 10.0})
+    assert first.acked and len(task._pool.calls) == 2 and task._buffer.empty()
+    assert task.policy.samples[1] == 1 and task.policy.cost[1] == 0.010
+
+    fixed = _task(monkeypatch)
+    fixed.configure(8, 10, adaptive=False)
+    fixed._buffer.put(FakeRequest("waits"))
+    fixed._on_arrival()
+    assert fixed._pool.calls == [] and not fixed._buffer.empty()  # left to the max-wait timer
