@@ -305,4 +305,5 @@ def _republish(task, request, attempt: int) -> None:
     priority = (request.delivery_info or {}).get("priority")
     task.app.send_task(TASK_NAME, kwargs=request.kwargs, task_id=request.id,
                        queue=state.spec.queue, countdown=backoff_s(attempt),
-                       priority=PRIORITIES["normal"] if priority is None else priority)
+                       priority=PRIORITIES["normal"] if priority is None else priority,
+                       ignore_result=True)  # results are stored by the batch, not by Celery

@@ -140,7 +140,8 @@ class Heartbeat(bootsteps.StartStopStep):
         for job in lost:
             consumer.app.send_task("tasks.infer", task_id=job["id"], queue=spec.queue,
                                    priority=PRIORITIES.get(job["priority"], PRIORITIES["normal"]),
-                                   kwargs={"model": spec.name, "n_inputs": job["n_inputs"], "single": job["single"]})
+                                   kwargs={"model": spec.name, "n_inputs": job["n_inputs"], "single": job["single"]},
+                                   ignore_result=True)  # the worker stores results itself
         if lost:
             consumer.app.log.get_default_logger().warning(
                 "sent again %d job(s) whose message was lost in transit: %s", len(lost),

@@ -199,6 +199,9 @@ class AdaptiveBatcher:
     * ``should_wait(buffered)``: with a process free, run what is buffered now unless jobs arrive
       faster than batches of that size could serve them; then wait for more (the caller bounds the
       wait by ``max_wait_ms``). At idle it never waits.
+    * High-priority jobs bound the batch: for ``URGENT_FOR_S`` after one arrives, no batch is planned
+      to take longer than ``URGENT_FACTOR`` times a batch of one, and nothing waits. A high job then
+      waits for at most one short batch, not a long one; the other jobs take the queueing.
 
     >>> b = AdaptiveBatcher(max_size=8)
     >>> b.sizes
@@ -214,6 +217,9 @@ class AdaptiveBatcher:
     MIN_SAMPLES = 3
     EXPLORE_EVERY = 25
     ALPHA = 0.2
+    URGENT_PRIORITY = 0  # celeryconfig.PRIORITIES["high"]
+    URGENT_FOR_S = 2.0
+    URGENT_FACTOR = 2.0
 
     def __init__(self, max_size: int, processes: int = 1):
         if max_size < 1:
@@ -227,6 +233,7 @@ class AdaptiveBatcher:
         self._gap: float | None = None  # moving average of seconds between arrivals
         self._last: float | None = None
         self._explore_up = True
+        self._urgent_until = float("-inf")
 
     def bucket(self, inputs: int) -> int:
         """The largest bucket size that ``inputs`` fills."""
@@ -263,8 +270,26 @@ class AdaptiveBatcher:
             cheapest = cost if cheapest is None else min(cheapest, cost)
         return self.max_size
 
-    def target(self, available: int) -> int:
+    def urgent(self, now: float) -> bool:
+        """A high-priority job arrived lately."""
+        return now < self._urgent_until
+
+    def urgent_cap(self) -> int:
+        """The largest size whose batch takes at most ``URGENT_FACTOR`` times a batch of one."""
+        if 1 not in self.cost:
+            return 1
+        budget = self.URGENT_FACTOR * self.cost[1]
+        fits = [s for s, c in self.cost.items() if s * c <= budget and self.samples[s] >= 1]
+        return max(fits, default=1)
+
+    def target(self, available: int, now: float | None = None) -> int:
         """How many inputs the next batch may take, ``available`` being buffered."""
+        size = self._target(available)
+        if now is not None and self.urgent(now):
+            return min(size, self.urgent_cap())
+        return size
+
+    def _target(self, available: int) -> int:
         ceiling = self._explored_up_to()
         for size in self.sizes:  # learn each size the backlog can fill, smallest first
             if size > ceiling or size > available:
@@ -280,7 +305,9 @@ class AdaptiveBatcher:
                 return self.sizes[j]
         return best
 
-    def arrived(self, now: float) -> None:
+    def arrived(self, now: float, priority: int | None = None) -> None:
+        if priority is not None and priority <= self.URGENT_PRIORITY:
+            self._urgent_until = now + self.URGENT_FOR_S
         if self._last is not None:
             gap = max(0.0, now - self._last)
             self._gap = gap if self._gap is None else 0.9 * self._gap + 0.1 * gap
@@ -295,7 +322,7 @@ class AdaptiveBatcher:
 
     def should_wait(self, buffered: int, now: float) -> bool:
         """A process is free and ``buffered`` inputs are ready: wait for more?"""
-        if buffered >= min(self.best(), self.max_size):
+        if buffered >= min(self.best(), self.max_size) or self.urgent(now):
             return False
         per_input = self.cost.get(self.bucket(buffered))
         if per_input is None:
@@ -304,6 +331,6 @@ class AdaptiveBatcher:
         return self.arrival_rate(now) * per_input > self.processes
 
     def summary(self) -> dict[str, Any]:
-        return {"target_batch": self.best(),
+        return {"target_batch": self.best(), "urgent_cap": self.urgent_cap(),
                 "ms_per_input_by_batch": {s: round(c * 1000, 3) for s, c in sorted(self.cost.items())},
                 "batches_by_size": {s: n for s, n in self.samples.items() if n}}

@@ -176,7 +176,7 @@ class ModelBatches(Batches):
                 ready.append(request)
         limit = self.flush_every
         if self.adaptive and ready:
-            limit = self.policy.target(sum(_inputs(r) for r in ready))
+            limit = self.policy.target(sum(_inputs(r) for r in ready), monotonic())
         batch, rest = plan(ready, limit, _priority, _inputs)
         for request in rest:
             self._buffer.put(request)
@@ -270,7 +270,11 @@ class ModelBatches(Batches):
         if not self.adaptive:
             return
         now = monotonic()
-        self.policy.arrived(now)
+        try:
+            newest = _priority(self._buffer.queue[-1])
+        except IndexError:  # (flushed already)
+            newest = None
+        self.policy.arrived(now, newest)
         if self._busy():
             return  # the running batch's return flushes
         buffered = sum(_inputs(r) for r in list(self._buffer.queue))
