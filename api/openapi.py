@@ -61,7 +61,8 @@ def build_spec(auth_required: bool = False) -> dict:
             "name": {"type": "string"}, "task": {"type": "string"}, "input": {"type": "string"},
             "source": {"type": "string"}, "queue": {"type": "string"}, "description": {"type": "string"},
             "batch": {"type": "object", "properties": {"max_batch_size": {"type": "integer"},
-                                                       "max_wait_ms": {"type": "number"}}},
+                                                       "max_wait_ms": {"type": "number"},
+                                                       "batching": {"enum": ["adaptive", "fixed"]}}},
             "queue_depth": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
             "workers": {"type": "array", "items": {"type": "string"}},
             "labels": {"type": "array", "items": {"type": "string"}}}}}}}

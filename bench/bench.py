@@ -119,6 +119,7 @@ class Ours:
 
         self.api, self.model, self.items = api, model, items
         self.pool = urllib3.PoolManager(maxsize=64, retries=False, timeout=urllib3.Timeout(connect=5, read=60))
+        self.details: dict[str, tuple[float, float | None, float | None]] = {}  # id -> created, queue_ms, run_ms
         self.headers = {"Content-Type": "application/json"}
 
     def submit(self, i: int, priority: str = "normal") -> str:
@@ -136,6 +137,8 @@ class Ours:
             r = self.pool.request("GET", f"{self.api}/jobs/{job_id}?wait=20")
             job = orjson.loads(r.data)
             if job["status"] == "succeeded":
+                self.details[job_id] = (datetime.fromisoformat(job["created_at"].replace("Z", "+00:00")).timestamp(),
+                                        job.get("queue_ms"), job.get("run_ms"))
                 return datetime.fromisoformat(job["finished_at"].replace("Z", "+00:00")).timestamp()
             if job["status"] in ("failed", "cancelled", "expired"):
                 return None
@@ -237,17 +240,26 @@ def open_loop(driver, rate: float, seconds: float, priorities=(("normal", 1.0),)
     with ThreadPoolExecutor(32) as waiters:
         done = list(waiters.map(lambda a: driver.wait(a[2]) if a[2] is not None else None, arrivals))
     times: dict[str, list[float]] = {p: [] for p in names}
+    parts: dict[str, dict[str, list[float]]] = {p: {"submit_ms": [], "queue_ms": [], "run_ms": []} for p in names}
     failed = 0
-    for (at, priority, _), finished in zip(arrivals, done):
+    details = getattr(driver, "details", {})
+    for (at, priority, handle), finished in zip(arrivals, done):
         if finished is None:
             failed += 1
         else:
             times[priority].append(max(0.0, finished - at) * 1000)
+            if handle in details:  # where the time went: reaching the API, the queue, the batch
+                created, queue_ms, run_ms = details[handle]
+                parts[priority]["submit_ms"].append(max(0.0, created - at) * 1000)
+                for key, value in (("queue_ms", queue_ms), ("run_ms", run_ms)):
+                    if value is not None:
+                        parts[priority][key].append(value)
     every = [t for ts in times.values() for t in ts]
     out = {"rate": round(rate, 2), "seconds": seconds, "jobs": i, "failed": failed,
            "p50_ms": pct(every, 50), "p95_ms": pct(every, 95), "p99_ms": pct(every, 99)}
     if len(names) > 1:
         out["by_priority"] = {p: {"jobs": len(ts), "p50_ms": pct(ts, 50), "p95_ms": pct(ts, 95),
+                                  **{f"{k}_p50_p95": [pct(v, 50), pct(v, 95)] for k, v in parts[p].items() if v},
                                   "cdf_ms": sorted(round(t, 1) for t in ts)} for p, ts in times.items()}
     return out
 
@@ -286,21 +298,30 @@ def batching_settings(spec, best_batch: int) -> list[tuple[str, int, float]]:
 
 
 def compare_batching(driver, env: dict, spec, lim: dict, quick: bool) -> list[dict]:
-    """Items/s at saturation and idle overhead for each batching setting, on the running worker."""
-    rows = []
-    n_sat = max(40, int(lim["limit_items_per_s"] * (4 if quick else 12)))
-    n_idle = 10 if quick else 40
-    for mode, size, wait in batching_settings(spec, lim["best_batch"]):
-        set_batching(env, spec.name, size, wait, mode)
-        sequential(driver, 3)  # settle
-        sat = saturate(driver, n_sat)
-        idle = [t - lim["single_ms_p50"] for t in sequential(driver, n_idle)]
-        rows.append({"batching": mode, "max_batch_size": size, "max_wait_ms": wait, "items_per_s": sat["items_per_s"],
-                     "idle_overhead_ms_p50": pct(idle, 50), "jobs": n_sat})
-        say(f"{spec.name}: {mode} batching, max {size}, wait {wait} ms: {sat['items_per_s']} items/s, "
-            f"idle overhead p50 {pct(idle, 50)} ms")
+    """Items/s at saturation and idle overhead for each batching setting, on the running worker.
+    Settings take turns, in rounds (the order rotating each round), and each row reports the median
+    of its rounds: on a shared machine, speed drifts by 10% within minutes."""
+    settings = batching_settings(spec, lim["best_batch"])
+    rounds = 2 if quick else 4
+    n_sat = max(40, int(lim["limit_items_per_s"] * (3 if quick else 6)))
+    n_idle = 8 if quick else 20
+    runs: dict[tuple, dict[str, list]] = {key: {"items_per_s": [], "idle_ms": []} for key in settings}
+    for r in range(rounds):
+        for mode, size, wait in settings[r % len(settings):] + settings[:r % len(settings)]:
+            set_batching(env, spec.name, size, wait, mode)
+            sequential(driver, 3)  # settle
+            sat = saturate(driver, n_sat)
+            idle = [t - lim["single_ms_p50"] for t in sequential(driver, n_idle)]
+            runs[(mode, size, wait)]["items_per_s"].append(sat["items_per_s"])
+            runs[(mode, size, wait)]["idle_ms"].extend(idle)
+            say(f"{spec.name}: round {r + 1}/{rounds}, {mode} batching, max {size}, wait {wait} ms: "
+                f"{sat['items_per_s']} items/s, idle overhead p50 {pct(idle, 50)} ms")
     set_batching(env, spec.name, spec.max_batch_size, spec.max_wait_ms, spec.batching)
-    return rows
+    return [{"batching": mode, "max_batch_size": size, "max_wait_ms": wait,
+             "items_per_s": pct(runs[(mode, size, wait)]["items_per_s"], 50),
+             "items_per_s_rounds": runs[(mode, size, wait)]["items_per_s"],
+             "idle_overhead_ms_p50": pct(runs[(mode, size, wait)]["idle_ms"], 50), "jobs_per_round": n_sat}
+            for mode, size, wait in settings]
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -329,7 +350,7 @@ def bench_model(model: str, args, work: Path) -> dict:
 
     work.mkdir(parents=True, exist_ok=True)
     redis_proc, redis_url = start_redis(work)
-    env = {"REDIS_URL": redis_url, "MODELS_FILE": str(ROOT / "models.toml"), "MODELS": model, "API_KEYS": "", "TORCH_THREADS": str(threads), "WORKER_CONCURRENCY": "1",
+    env = {"REDIS_URL": redis_url, "MODELS_FILE": str(ROOT / "models.toml"), "MODELS": model, "API_KEYS": "", "TORCH_THREADS": str(threads), "WORKER_CONCURRENCY": str(args.concurrency),
            "LOG_FORMAT": "text", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "MAX_QUEUED": "100000", "METRICS_DIR": str(work / "metrics")}
     procs = [redis_proc]
@@ -489,6 +510,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, help="run our worker with this max batch size")
     parser.add_argument("--max-wait-ms", type=float, help="... and this max wait (0: flush as soon as free)")
     parser.add_argument("--batching", choices=("adaptive", "fixed"), help="... and this batching mode")
+    parser.add_argument("--concurrency", type=int, default=1, help="pool processes in our worker (default 1)")
     parser.add_argument("--no-compare", action="store_true", help="skip the adaptive vs fixed batching comparison")
     parser.add_argument("--limit-of", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -517,7 +539,7 @@ def main() -> None:
                "versions": versions(), "models": {},
                "settings": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
                             "batching": args.batching,
-                            "torch_threads": len(MODEL_CORES), "worker_concurrency": 1, "api_workers": 2,
+                            "torch_threads": len(MODEL_CORES), "worker_concurrency": args.concurrency, "api_workers": 2,
                             "task_sent_events": os.environ.get("TASK_SENT_EVENTS", "0") == "1"}}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for model in args.models.split(","):

@@ -13,7 +13,32 @@ from click import Option
 import settings
 
 
+def reuse_redis_clients() -> None:
+    """kombu's Redis channel builds a new ``redis.Redis`` for every publish, every delivery it
+    records as unacked and every ack: about 80 µs each (its response-callback table), so 0.16 ms of
+    the worker's main process per job, on the model's core, and 0.08 ms per ``POST /jobs``. This
+    makes each channel build one and reuse it: the same connection pool, the same commands (pipelines
+    stay one per call). A new pool (after a reconnect) gets a new client."""
+    from kombu.transport import redis as kombu_redis
+
+    build = kombu_redis.Channel._create_client
+    if getattr(build, "reuses_clients", False):
+        return
+
+    def _create_client(self, asynchronous=False):
+        if asynchronous:
+            return build(self, asynchronous=True)
+        client = self.__dict__.get("_reused_client")
+        if client is None or client.connection_pool is not self.pool:
+            client = self.__dict__["_reused_client"] = build(self)
+        return client
+
+    _create_client.reuses_clients = True
+    kombu_redis.Channel._create_client = _create_client
+
+
 def make_celery() -> Celery:
+    reuse_redis_clients()
     celery = Celery("workers", include=["tasks.infer"])
     celery.config_from_object("celeryconfig")
     celery.user_options["worker"].add(Option(

@@ -43,3 +43,13 @@ def test_percentiles_and_core_busy():
     assert bench.cpu_busy(before, {0: (600, 2000), 1: (1000, 2000)}) == {0: 0.5, 1: 1.0}
     times = bench.cpu_times()
     assert times and all(isinstance(core, int) and 0 <= busy <= total for core, (busy, total) in times.items())
+
+
+def test_the_batching_comparison_covers_adaptive_and_the_fixed_settings_a_user_would_try():
+    from types import SimpleNamespace
+
+    assert bench.batching_settings(SimpleNamespace(max_batch_size=64, max_wait_ms=10.0), 16) == [
+        ("adaptive", 64, 10.0), ("fixed", 64, 10.0), ("fixed", 64, 0.0), ("fixed", 16, 10.0), ("fixed", 16, 0.0)]
+    # the limit's best is the entry's size, and the entry waits 0: no duplicates
+    assert bench.batching_settings(SimpleNamespace(max_batch_size=8, max_wait_ms=0.0), 8) == [
+        ("adaptive", 8, 0.0), ("fixed", 8, 0.0)]

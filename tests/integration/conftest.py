@@ -23,6 +23,7 @@ task = "text-classification"
 source = "python:tests.fixtures.runners:EchoRunner"
 max_batch_size = 16
 max_wait_ms = 400
+batching = "fixed"  # these tests need jobs to share a batch: wait for them
 [models.flaky.options]
 marker_dir = "{marker_dir}"
 
@@ -47,12 +48,14 @@ task = "text-classification"
 source = "python:tests.fixtures.runners:EchoRunner"
 max_batch_size = 8
 max_wait_ms = 300
+batching = "fixed"  # these tests need jobs to share a batch: wait for them
 
 [models.metered]
 task = "text-classification"
 source = "python:tests.fixtures.runners:EchoRunner"
 max_batch_size = 8
 max_wait_ms = 200
+batching = "fixed"  # these tests need jobs to share a batch: wait for them
 
 [models.idle]
 task = "embedding"

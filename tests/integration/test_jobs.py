@@ -114,7 +114,7 @@ def test_models_health_metrics(client):
     assert {"minilm", "sentiment", "efficientnet-lite0"} <= set(models)
     minilm = models["minilm"]
     assert minilm["task"] == "embedding" and minilm["queue"] == "jobs.minilm"
-    assert minilm["batch"] == {"max_batch_size": 64, "max_wait_ms": 10.0}
+    assert minilm["batch"] == {"max_batch_size": 64, "max_wait_ms": 10.0, "batching": "adaptive"}
     assert set(minilm["queue_depth"]) == {"high", "normal", "low"}
     assert any(w.startswith("worker-minilm") for w in minilm["workers"])
     assert models["idle"]["workers"] == []

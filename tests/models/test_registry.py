@@ -41,6 +41,7 @@ def test_unknown_name_in_models_selection_fails_at_start():
     ('task = "embedding"\nsource = "hf:x"\nmax_batch_size = "8"', "max_batch_size must be an integer"),
     ('task = "embedding"\nsource = "hf:x"\nmax_wait_ms = -1', "max_wait_ms must be a number"),
     ('task = "embedding"\nsource = "hf:x"\ndevice = "tpu"', "device must be"),
+    ('task = "embedding"\nsource = "hf:x"\nbatching = "dynamic"', 'batching must be "adaptive" or "fixed"'),
     ('task = "embedding"\nsource = "hf:x"\nbatch = 3', "unknown keys \\['batch'\\]"),
     ('task = "text-classification"\nsource = "sentence-transformers:x"', "needs labels"),
     ('task = "image-classification"\nsource = "torchvision:resnet18"\n[models.bad.options]\ncategorie = ["a"]',
@@ -78,3 +79,11 @@ def test_registry_import_does_not_import_torch():
     code = "import sys, api, models, workers, tasks.store; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_batching_is_adaptive_unless_the_entry_says_fixed(tmp_path):
+    path = write(tmp_path, '[models.a]\ntask = "embedding"\nsource = "hf:x"\n'
+                           '[models.f]\ntask = "embedding"\nsource = "hf:x"\nbatching = "fixed"\n')
+    registry = Registry.from_file(path)
+    assert registry.get("a").batching == "adaptive" and registry.get("f").batching == "fixed"
+    assert registry.get("f").public()["batch"] == {"max_batch_size": 32, "max_wait_ms": 10.0, "batching": "fixed"}
