@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -318,7 +319,7 @@ def compare_batching(driver, env: dict, spec, lim: dict, quick: bool) -> list[di
                 f"{sat['items_per_s']} items/s, idle overhead p50 {pct(idle, 50)} ms")
     set_batching(env, spec.name, spec.max_batch_size, spec.max_wait_ms, spec.batching)
     return [{"batching": mode, "max_batch_size": size, "max_wait_ms": wait,
-             "items_per_s": pct(runs[(mode, size, wait)]["items_per_s"], 50),
+             "items_per_s": round(statistics.median(runs[(mode, size, wait)]["items_per_s"]), 2),
              "items_per_s_rounds": runs[(mode, size, wait)]["items_per_s"],
              "idle_overhead_ms_p50": pct(runs[(mode, size, wait)]["idle_ms"], 50), "jobs_per_round": n_sat}
             for mode, size, wait in settings]

@@ -219,7 +219,7 @@ class AdaptiveBatcher:
     ALPHA = 0.2
     URGENT_PRIORITY = 0  # celeryconfig.PRIORITIES["high"]
     URGENT_FOR_S = 2.0
-    URGENT_FACTOR = 2.0
+    URGENT_FACTOR = 1.5
 
     def __init__(self, max_size: int, processes: int = 1):
         if max_size < 1:

@@ -67,6 +67,8 @@ class ModelBatches(Batches):
     NOT_ACCEPTED_AFTER_S = 30.0
     #: Learn batch sizes as it runs (the default), or wait for ``flush_every`` as configured.
     adaptive = True
+    #: While high-priority jobs are about: how long a returning batch waits for the next fetch.
+    URGENT_FETCH_S = 0.005
 
     def __init__(self) -> None:
         super().__init__()
@@ -192,7 +194,13 @@ class ModelBatches(Batches):
             self._running.pop(handle[0], None)
             self._sent_at.pop(handle[0], None)
         if not (self._buffer.empty() and self._pending.empty()):
-            self._do_flush()
+            if self.adaptive and self.policy.urgent(monotonic()) and hasattr(self._timer, "call_after"):
+                # The acks just freed prefetch room; a waiting high-priority job is fetched first,
+                # but only on the event loop's next turn. Give it URGENT_FETCH_S to arrive (an
+                # arrival flushes at once) rather than start a batch without it.
+                self._timer.call_after(self.URGENT_FETCH_S, self._do_flush)
+            else:
+                self._do_flush()
             if self._tref is None and not (self._buffer.empty() and self._pending.empty()):
                 self._tref = self._timer.call_repeatedly(self.flush_interval, self._do_flush)
 

@@ -177,9 +177,9 @@ def test_a_high_priority_arrival_keeps_batches_short_for_a_while():
 
     b = AdaptiveBatcher(max_size=64)
     _learn(b, {1: 16, 2: 22, 4: 30, 8: 50, 16: 95, 32: 185, 64: 360})
-    assert b.target(500, now=10.0) == 64 and b.urgent_cap() == 4  # 30 ms <= 2 x 16 ms < 50 ms
+    assert b.target(500, now=10.0) == 64 and b.urgent_cap() == 2  # 22 ms <= 1.5 x 16 ms < 30 ms
     b.arrived(10.0, priority=5)
     assert b.target(500, now=10.1) == 64
     b.arrived(10.2, priority=0)  # high
-    assert b.target(500, now=10.3) == 4 and not b.should_wait(1, now=10.3)
+    assert b.target(500, now=10.3) == 2 and not b.should_wait(1, now=10.3)
     assert b.target(500, now=10.2 + b.URGENT_FOR_S + 0.01) == 64  # it wears off

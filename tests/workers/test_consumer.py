@@ -1,5 +1,6 @@
 """ModelBatches' bookkeeping of the batches it handed to the pool, with a stand-in pool."""
 
+from time import monotonic
 from types import SimpleNamespace
 
 from workers.consumer import ModelBatches
@@ -92,6 +93,10 @@ def test_a_batch_no_pool_process_accepts_is_taken_back_and_requeued(monkeypatch)
 class FakeTimer:
     def __init__(self):
         self.entries = []
+        self.after = []
+
+    def call_after(self, secs, fn, args=()):
+        self.after.append((secs, fn))
 
     def call_repeatedly(self, interval, fn, args=()):
         entry = SimpleNamespace(fn=fn, cancelled=False)
@@ -139,3 +144,17 @@ def test_adaptive_batching_runs_an_arrival_at_once_when_the_pool_is_free_and_fix
     fixed._buffer.put(FakeRequest("waits"))
     fixed._on_arrival()
     assert fixed._pool.calls == [] and not fixed._buffer.empty()  # left to the max-wait timer
+
+
+def test_while_high_priority_jobs_are_about_a_returning_batch_waits_for_the_next_fetch(monkeypatch):
+    task = _task(monkeypatch)
+    task._timer = FakeTimer()
+    first, second = FakeRequest("a"), FakeRequest("b")
+    for r in (first, second):
+        r.eta, r.acknowledged, r.kwargs, r.delivery_info = None, False, {}, {"priority": 9}
+    task.flush([first])
+    task._buffer.put(second)
+    task.policy.arrived(monotonic(), priority=0)  # a high job came in
+    task._pool.calls[0][0]({"ids": ["a"], "jobs": 1, "inputs": 1, "run_ms": 9.0, "pool_ms": 10.0})
+    assert len(task._pool.calls) == 1 and not task._buffer.empty()  # not at once...
+    assert any(e[0] == task.URGENT_FETCH_S for e in task._timer.after)  # ... but URGENT_FETCH_S later
