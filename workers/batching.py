@@ -17,6 +17,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
 
+from celeryconfig import PRIORITIES
 from models.exceptions import InvalidInput, TransientError
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ class AdaptiveBatcher:
     MIN_SAMPLES = 3
     EXPLORE_EVERY = 25
     ALPHA = 0.2
-    URGENT_PRIORITY = 0  # celeryconfig.PRIORITIES["high"]
+    URGENT_PRIORITY = PRIORITIES["high"]
     URGENT_FOR_S = 2.0
     URGENT_FACTOR = 1.5
 
