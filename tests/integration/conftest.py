@@ -119,6 +119,14 @@ class Client:
         self.base = base
         self.session = requests.Session()
         self.session.headers.update(headers or {})
+        # gunicorn closes a keep-alive connection idle for 2 s; a GET sent on it as it closes is reset
+        # unanswered (seen once in CI after a 2 s sleep). GETs are safe to send again, once.
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
+
+        retry = Retry(total=1, connect=1, read=1, status=0, allowed_methods=frozenset({"GET"}),
+                      raise_on_status=False)
+        self.session.mount("http://", HTTPAdapter(max_retries=retry))
 
     def post(self, path: str, **kw):
         return self.session.post(self.base + path, timeout=30, **kw)
