@@ -68,6 +68,9 @@ class ModelBinding(bootsteps.Step):
         except (ConfigError, UnknownModel) as exc:
             raise SystemExit(f"error: {exc}") from None
         state.bind(spec)
+        from workers import transport
+
+        transport.enable()  # fetch its messages and ack its batches in bulk
         queues = worker.app.amqp.queues
         if set(queues.consume_from) <= {worker.app.conf.task_default_queue}:
             worker.setup_queues([spec.queue])

@@ -18,6 +18,9 @@ This subclass:
 * acks exactly the requests the batch function says it finished (stored a
   result for, or found already terminal), and puts the rest back on the queue;
 * requeues a whole batch whose pool process died;
+* with ``workers.transport`` (enabled for a model's worker): a backlog is fetched up to the prefetch
+  window per round trip and planned once the whole fetch is buffered, and a batch's acks go in one
+  round trip;
 * sends no per-job event from the main process: the pool sends ``task-received`` and
   ``task-started`` for a whole batch in one message as it starts (a publish per job here cost
   about a third of this process's time, on the core the model runs on).
@@ -34,6 +37,7 @@ from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
 from kombu.asynchronous.timer import to_timestamp
 
+from workers import transport
 from workers.batching import AdaptiveBatcher, BatchStats, plan
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,26 @@ def _inputs(request) -> int:
         return int(kwargs.get("n_inputs") or len(kwargs.get("inputs") or ())) or 1
     except Exception:
         return 1
+
+
+def _qos(requests):
+    """The kombu QoS of the channel the requests came on (all of a batch come on one)."""
+    message = getattr(requests[0], "message", None) if requests else None
+    return getattr(getattr(message, "channel", None), "qos", None)
+
+
+def _ack_now(request) -> None:
+    """``request.acknowledge()``, but now: Celery's defers the ack to the event loop's next turn
+    (``call_soon``, for pools that call back from other threads), out of ``acks_together``'s reach.
+    The prefork pool calls ``on_return`` on the loop's own thread."""
+    message = getattr(request, "message", None)
+    if message is None or not hasattr(request, "acknowledged"):
+        request.acknowledge()
+        return
+    if request.acknowledged:
+        return
+    message.ack_log_error(log, getattr(request, "_connection_errors", ()))
+    request.acknowledged = True
 
 
 def _priority(request) -> int:
@@ -218,11 +242,12 @@ class ModelBatches(Batches):
                 value = value.get("ids")
             done = set(value or ())
             try:
-                for request in requests:
-                    if request.id in done:
-                        request.acknowledge()
-                    else:
-                        request.reject(requeue=True)
+                with transport.acks_together(_qos(requests)):  # one round trip for the batch's acks
+                    for request in requests:
+                        if request.id in done:
+                            _ack_now(request)
+                        else:
+                            request.reject(requeue=True)
             except Exception:  # broker gone: unacked messages come back after visibility_timeout
                 log.exception("could not ack/requeue a batch of %d", len(requests))
             finally:
@@ -262,6 +287,7 @@ class ModelBatches(Batches):
             self._tref = None
         handler = super().Strategy(task, app, consumer)
         self.policy.processes = self._processes()
+        transport.on_burst_end(self._plan)
         if not (self._buffer.empty() and self._pending.empty()):
             self._tref = self._timer.call_repeatedly(self.flush_interval, self._do_flush)
 
@@ -283,10 +309,14 @@ class ModelBatches(Batches):
         except IndexError:  # (flushed already)
             newest = None
         self.policy.arrived(now, newest)
-        if self._busy():
+        if not transport.bursting():  # (else once the whole fetch is buffered)
+            self._plan(now)
+
+    def _plan(self, now: float | None = None) -> None:
+        if not self.adaptive or self._busy():
             return  # the running batch's return flushes
         buffered = sum(_inputs(r) for r in list(self._buffer.queue))
-        if not self.policy.should_wait(buffered, now):
+        if buffered and not self.policy.should_wait(buffered, monotonic() if now is None else now):
             self._do_flush()
 
 

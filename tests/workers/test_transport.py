@@ -1,0 +1,83 @@
+"""workers.transport: bulk fetch and batched acks on kombu's Redis transport, against a real redis-server."""
+
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from workers import transport
+
+OPTIONS = {"priority_steps": [0, 5, 9], "queue_order_strategy": "priority", "visibility_timeout": 600}
+
+
+@pytest.fixture
+def bulk():
+    transport.enable()
+    yield
+    transport.disable()
+
+
+def publish(conn, queue, bodies):
+    producer = Producer(conn.default_channel, exchange=Exchange(""), routing_key=queue.name)
+    for body, priority in bodies:
+        producer.publish(body, priority=priority, serializer="json", declare=[queue])
+
+
+def consume(conn, queue, prefetch, got):
+    consumer = Consumer(conn.default_channel, [queue], callbacks=[lambda body, message: got.append((body, message))])
+    consumer.qos(prefetch_count=prefetch)
+    consumer.consume()
+    return consumer
+
+
+def test_one_brpop_delivers_a_prefetch_window_in_priority_order_recorded_as_unacked(redis_url, redis_client, bulk):
+    queue = Queue("bulk-t")
+    with Connection(redis_url, transport_options=OPTIONS) as conn:
+        publish(conn, queue, [({"n": i}, 9 if i < 6 else 0) for i in range(10)])  # 6 low, then 4 high
+        got = []
+        consume(conn, queue, 8, got)
+        conn.drain_events(timeout=5)
+        # one read: the prefetch window (8), highs first, each in publish order
+        assert [body["n"] for body, _ in got] == [6, 7, 8, 9, 0, 1, 2, 3]
+        assert redis_client.llen("bulk-t\x06\x169") == 2  # the rest wait their turn
+        assert redis_client.hlen("unacked") == 8 and redis_client.zcard("unacked_index") == 8
+        qos = conn.default_channel.qos
+        with transport.acks_together(qos):
+            for _, message in got:
+                message.ack()
+            assert redis_client.hlen("unacked") == 8  # sent together, on leaving
+        assert redis_client.hlen("unacked") == 0 and redis_client.zcard("unacked_index") == 0
+        conn.drain_events(timeout=5)
+        assert [body["n"] for body, _ in got[8:]] == [4, 5]
+
+
+def test_messages_fetched_in_bulk_and_not_acked_come_back_on_close(redis_url, redis_client, bulk):
+    queue = Queue("bulk-r")
+    with Connection(redis_url, transport_options=OPTIONS) as conn:
+        publish(conn, queue, [({"n": i}, 5) for i in range(5)])
+        got = []
+        consume(conn, queue, 10, got)
+        conn.drain_events(timeout=5)
+        assert len(got) == 5 and redis_client.llen("bulk-r\x06\x165") == 0
+        got[0][1].ack()
+    # closing restores the unacked (kombu's restore_at_shutdown reads the entries the script wrote)
+    assert redis_client.hlen("unacked") == 0
+    with Connection(redis_url, transport_options=OPTIONS) as conn:
+        again = []
+        consume(conn, queue, 10, again)
+        conn.drain_events(timeout=5)
+        assert sorted(body["n"] for body, _ in again) == [1, 2, 3, 4]
+        with transport.acks_together(conn.default_channel.qos):
+            for _, message in again:
+                message.ack()
+
+
+def test_kombu_fetches_one_at_a_time_when_not_enabled(redis_url, redis_client):
+    queue = Queue("bulk-off")
+    with Connection(redis_url, transport_options=OPTIONS) as conn:
+        publish(conn, queue, [({"n": i}, 5) for i in range(3)])
+        got = []
+        consume(conn, queue, 10, got)
+        conn.drain_events(timeout=5)
+        assert len(got) == 1 and redis_client.hlen("unacked") == 1
+        with transport.acks_together(conn.default_channel.qos):
+            got[0][1].ack()
+        assert redis_client.hlen("unacked") == 0
