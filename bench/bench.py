@@ -517,6 +517,18 @@ def versions() -> dict:
                                              "Flask", "transformers")}
 
 
+def commit() -> str | None:
+    """The commit the run measured (with "+changes" when the working tree differs from it)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short windows: a few minutes for both models")
@@ -551,7 +563,7 @@ def main() -> None:
                            "python": platform.python_version()},
                "cores": {"worker, limit and naive worker": MODEL_CORES,
                          "redis, API and load generator": SERVICE_CORES},
-               "versions": versions(), "models": {},
+               "commit": commit(), "versions": versions(), "models": {},
                "settings": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
                             "batching": args.batching,
                             "torch_threads": len(MODEL_CORES), "worker_concurrency": args.concurrency, "api_workers": 2,
