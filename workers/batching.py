@@ -236,6 +236,17 @@ class AdaptiveBatcher:
         self._explore_up = True
         self._urgent_until = float("-inf")
 
+    def resized(self, max_size: int, processes: int | None = None) -> "AdaptiveBatcher":
+        """A batcher for a new ``max_size`` that keeps what this one learnt of the sizes both have
+        (a size's cost does not depend on the limit), its arrival rate and its urgency."""
+        other = AdaptiveBatcher(max_size, self.processes if processes is None else processes)
+        for size in other.sizes:
+            if size in self.cost:
+                other.cost[size], other.samples[size] = self.cost[size], self.samples[size]
+        other.batches = sum(other.samples.values())
+        other._gap, other._last, other._urgent_until = self._gap, self._last, self._urgent_until
+        return other
+
     def bucket(self, inputs: int) -> int:
         """The largest bucket size that ``inputs`` fills."""
         return max(s for s in self.sizes if s <= max(1, inputs))
@@ -306,12 +317,15 @@ class AdaptiveBatcher:
                 return self.sizes[j]
         return best
 
-    def arrived(self, now: float, priority: int | None = None) -> None:
+    def arrived(self, now: float, priority: int | None = None, count: int = 1) -> None:
+        """``count`` jobs arrived at ``now`` (several: one bulk fetch; their gaps are spread evenly
+        over the time since the last arrival), the most urgent of ``priority``."""
         if priority is not None and priority <= self.URGENT_PRIORITY:
             self._urgent_until = now + self.URGENT_FOR_S
         if self._last is not None:
-            gap = max(0.0, now - self._last)
-            self._gap = gap if self._gap is None else 0.9 * self._gap + 0.1 * gap
+            count = max(1, count)
+            gap = max(0.0, now - self._last) / count
+            self._gap = gap if self._gap is None else gap + (self._gap - gap) * 0.9 ** count
         self._last = now
 
     def arrival_rate(self, now: float) -> float:

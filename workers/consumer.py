@@ -100,6 +100,7 @@ class ModelBatches(Batches):
         self._sent_at: dict[Any, float] = {}  # ... -> when it was handed to the pool (monotonic)
         self.stats = BatchStats()
         self.policy = AdaptiveBatcher(self.flush_every)
+        self._burst: list = []  # priorities of the bulk fetch being delivered
 
     def configure(self, max_batch_size: int, max_wait_ms: float, adaptive: bool | None = None) -> None:
         """Set the batch limits (and the mode); on a running worker (``celery control
@@ -108,8 +109,10 @@ class ModelBatches(Batches):
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
-        if max_batch_size != self.flush_every or not hasattr(self, "policy"):
+        if not hasattr(self, "policy"):
             self.policy = AdaptiveBatcher(max_batch_size, self._processes())
+        elif max_batch_size != self.flush_every:  # what it learnt of the sizes both limits allow stays
+            self.policy = self.policy.resized(max_batch_size, self._processes())
         self.flush_every = max_batch_size
         if adaptive is not None:
             self.adaptive = bool(adaptive)
@@ -287,7 +290,7 @@ class ModelBatches(Batches):
             self._tref = None
         handler = super().Strategy(task, app, consumer)
         self.policy.processes = self._processes()
-        transport.on_burst_end(self._plan)
+        transport.on_burst_end(self._after_burst)
         if not (self._buffer.empty() and self._pending.empty()):
             self._tref = self._timer.call_repeatedly(self.flush_interval, self._do_flush)
 
@@ -308,9 +311,20 @@ class ModelBatches(Batches):
             newest = _priority(self._buffer.queue[-1])
         except IndexError:  # (flushed already)
             newest = None
+        if transport.bursting():  # counted and planned once the whole fetch is buffered
+            self._burst.append(newest)
+            return
         self.policy.arrived(now, newest)
-        if not transport.bursting():  # (else once the whole fetch is buffered)
-            self._plan(now)
+        self._plan(now)
+
+    def _after_burst(self) -> None:
+        """The last message of a bulk fetch is buffered: one arrival of that many jobs, one plan."""
+        burst, self._burst = self._burst, []
+        if not (self.adaptive and burst):
+            return
+        now = monotonic()
+        self.policy.arrived(now, min((p for p in burst if p is not None), default=None), count=len(burst))
+        self._plan(now)
 
     def _plan(self, now: float | None = None) -> None:
         if not self.adaptive or self._busy():

@@ -183,3 +183,19 @@ def test_a_high_priority_arrival_keeps_batches_short_for_a_while():
     b.arrived(10.2, priority=0)  # high
     assert b.target(500, now=10.3) == 2 and not b.should_wait(1, now=10.3)
     assert b.target(500, now=10.2 + b.URGENT_FOR_S + 0.01) == 64  # it wears off
+
+
+def test_a_new_size_limit_keeps_what_was_learnt_of_the_sizes_both_limits_allow():
+    from workers.batching import AdaptiveBatcher
+
+    b = AdaptiveBatcher(max_size=64)
+    for size, ms in [(1, 10), (2, 12), (4, 16), (8, 24), (16, 40), (32, 72), (64, 136)] * 3:
+        b.record(size, ms / 1000)
+    assert b.best() == 64
+    smaller = b.resized(16)
+    assert smaller.sizes == [1, 2, 4, 8, 16]
+    assert smaller.cost == {s: b.cost[s] for s in smaller.sizes} and smaller.best() == 16
+    assert smaller.target(available=100) == 16  # no relearning of sizes it has measured
+    bigger = smaller.resized(128)
+    assert bigger.samples[32] == 0 and bigger.samples[128] == 0
+    assert bigger.target(available=200) == 32  # a size it never measured is tried first

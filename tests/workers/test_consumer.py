@@ -158,3 +158,26 @@ def test_while_high_priority_jobs_are_about_a_returning_batch_waits_for_the_next
     task._pool.calls[0][0]({"ids": ["a"], "jobs": 1, "inputs": 1, "run_ms": 9.0, "pool_ms": 10.0})
     assert len(task._pool.calls) == 1 and not task._buffer.empty()  # not at once...
     assert any(e[0] == task.URGENT_FETCH_S for e in task._timer.after)  # ... but URGENT_FETCH_S later
+
+
+def test_the_messages_of_one_bulk_fetch_are_planned_as_one_batch(monkeypatch):
+    """workers.transport delivers a bulk fetch one message after the other: with the pool free, the
+    first arrival must not run alone while the rest of the fetch is still being delivered."""
+    from workers import transport
+
+    task = _task(monkeypatch)
+    for size in task.policy.sizes:  # learnt: bigger batches are cheaper per input
+        for _ in range(task.policy.MIN_SAMPLES):
+            task.policy.record(size, 0.010)
+    requests = [FakeRequest(f"r{i}") for i in range(5)]
+    for r in requests:
+        r.eta, r.acknowledged, r.kwargs, r.delivery_info = None, False, {}, {"priority": 5}
+    monkeypatch.setattr(transport, "_bursting", True)
+    for r in requests:
+        task._buffer.put(r)
+        task._on_arrival()
+    assert task._pool.calls == [] and task._buffer.qsize() == 5  # nothing planned mid-fetch
+    monkeypatch.setattr(transport, "_bursting", False)
+    task._after_burst()  # what the transport calls after the fetch's last message
+    assert len(task._pool.calls) == 1 and task._buffer.empty()  # one batch of all five
+    assert task.policy.arrival_rate(monotonic()) == 0.0  # one arrival of five, not five 0-gaps
