@@ -13,7 +13,9 @@ With :func:`enable` (a worker serving a model calls it):
   see any other. (The popped and the recorded cannot part, as kombu's pop-then-record can.)
 * the messages of one fetch are delivered one after the other; :func:`bursting` is true meanwhile
   and :func:`on_burst_end` callbacks run after the last, so a batch is planned once for all of them;
-* :func:`acks_together` sends the acks of a finished batch in one ``MULTI``.
+* :func:`acks_together` sends the acks of a finished batch in one ``MULTI``;
+* an item on the queue that is not a kombu message (not JSON, no delivery tag) is set aside in
+  :data:`MALFORMED_KEY` with an error in the log; kombu's own path raises on it and stops the worker.
 
 Consumers that do not ack (``no_ack``) never reach this: the worker's task queues are the only
 ``BRPOP`` queues it enables it for. With a global key prefix kombu's own path is kept.
@@ -29,25 +31,36 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-#: KEYS: the unacked index, the unacked hash, then the lists in the order BRPOP reads them.
+#: KEYS: the unacked index, the unacked hash, the list for malformed items, then the lists in the
+#: order BRPOP reads them.
 #: ARGV: the most messages to take, the time to record them under.
 FETCH = """
 local want, now, out = tonumber(ARGV[1]), ARGV[2], {}
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   while #out < 2 * want do
     local item = redis.call('RPOP', KEYS[i])
     if not item then break end
-    local props = cjson.decode(item)['properties']
-    local info = props['delivery_info']
-    redis.call('ZADD', KEYS[1], now, props['delivery_tag'])
-    redis.call('HSET', KEYS[2], props['delivery_tag'],
-               '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
-    out[#out + 1] = KEYS[i]
-    out[#out + 1] = item
+    local ok, message = pcall(cjson.decode, item)
+    local props = ok and type(message) == 'table' and message['properties']
+    local info = type(props) == 'table' and props['delivery_info']
+    if type(info) ~= 'table' or type(props['delivery_tag']) ~= 'string' then
+      redis.call('LPUSH', KEYS[3], item)  -- not a kombu message: set aside, not delivered
+      redis.call('LTRIM', KEYS[3], 0, 999)
+    else
+      redis.call('ZADD', KEYS[1], now, props['delivery_tag'])
+      redis.call('HSET', KEYS[2], props['delivery_tag'],
+                 '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
+      out[#out + 1] = KEYS[i]
+      out[#out + 1] = item
+    end
   end
 end
 return out
 """
+
+#: Where items on a queue that are not kombu messages (not JSON, or no delivery tag) are set aside,
+#: the newest 1,000; kombu would raise on one and stop the worker.
+MALFORMED_KEY = "malformed-messages"
 
 #: The most messages one fetch takes beyond the BRPOP's (the prefetch window bounds it too).
 MAX_FETCH = 256
@@ -102,6 +115,22 @@ def acks_together(qos):
                 pipe.execute()
 
 
+def _readable(raw: bytes | str):
+    """The kombu message in ``raw``, or None if it is not one (the same test as the script's)."""
+    from kombu.utils.encoding import bytes_to_str
+    from kombu.utils.json import loads
+
+    try:
+        message = loads(bytes_to_str(raw))
+    except ValueError:
+        return None
+    props = message.get("properties") if isinstance(message, dict) else None
+    if not (isinstance(props, dict) and isinstance(props.get("delivery_info"), dict)
+            and isinstance(props.get("delivery_tag"), str)):
+        return None
+    return message
+
+
 def _fetch_more(channel, queues: list[str]) -> list[tuple[str, dict]]:
     """Up to the prefetch window's room (less the message just read) more messages, recorded as
     unacked by the script: ``[(queue, message)]`` in delivery order."""
@@ -117,7 +146,8 @@ def _fetch_more(channel, queues: list[str]) -> list[tuple[str, dict]]:
         script = channel.__dict__.get("_fetch_script")
         if script is None:
             script = channel.__dict__["_fetch_script"] = client.register_script(FETCH)
-        flat = script(keys=[qos.unacked_index_key, qos.unacked_key, *keys], args=[room, time.time()], client=client)
+        flat = script(keys=[qos.unacked_index_key, qos.unacked_key, MALFORMED_KEY, *keys],
+                      args=[room, time.time()], client=client)
     out = []
     for i in range(0, len(flat), 2):
         message = loads(bytes_to_str(flat[i + 1]))
@@ -132,7 +162,6 @@ def install() -> None:
     from kombu.transport import redis as kombu_redis
     from kombu.transport import virtual
     from kombu.utils.encoding import bytes_to_str
-    from kombu.utils.json import loads
 
     Channel, QoS = kombu_redis.Channel, kombu_redis.QoS
     if getattr(Channel._brpop_read, "fetches_in_bulk", False):
@@ -155,22 +184,26 @@ def install() -> None:
             dest, item = dest__item
             dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
+            first = _readable(item)
+            if first is None:  # kombu's loads would raise and stop the worker
+                log.error("set aside an item on %s that is not a kombu message (in %r): %r",
+                          dest, MALFORMED_KEY, bytes(item[:200]))
+                with self.conn_or_acquire() as client:
+                    client.pipeline().lpush(MALFORMED_KEY, item).ltrim(MALFORMED_KEY, 0, 999).execute()
             try:
                 more = _fetch_more(self, self._queue_cycle.consume(len(self.active_queues)))
-            except self.connection_errors:
-                raise
-            except Exception:  # (a script error would be ours): this one message, as kombu would
-                log.exception("bulk fetch failed; delivering the one message BRPOP returned")
+            except Exception as exc:  # Redis went away: the one BRPOP returned, as kombu would
+                log.warning("bulk fetch failed (%s); delivering the one message BRPOP returned", exc)
                 more = []
-            if not more:
-                self.connection._deliver(loads(bytes_to_str(item)), dest)
+            if first is not None and not more:
+                self.connection._deliver(first, dest)
                 return True
             _bursting = True
             error = None
             try:
                 # Each one is delivered even if one before it raised: they are all unacked in Redis,
                 # and one never delivered here would only come back after the visibility timeout.
-                for queue, message in [(dest, loads(bytes_to_str(item)))] + more:
+                for queue, message in ([(dest, first)] if first is not None else []) + more:
                     try:
                         self.connection._deliver(message, queue)
                     except Exception as exc:

@@ -28,6 +28,12 @@ def consume(conn, queue, prefetch, got):
     return consumer
 
 
+def ack_all(conn, got):
+    with transport.acks_together(conn.default_channel.qos):
+        for _, message in got:
+            message.ack()
+
+
 def test_one_brpop_delivers_a_prefetch_window_in_priority_order_recorded_as_unacked(redis_url, redis_client, bulk):
     queue = Queue("bulk-t")
     with Connection(redis_url, transport_options=OPTIONS) as conn:
@@ -39,8 +45,7 @@ def test_one_brpop_delivers_a_prefetch_window_in_priority_order_recorded_as_unac
         assert [body["n"] for body, _ in got] == [6, 7, 8, 9, 0, 1, 2, 3]
         assert redis_client.llen("bulk-t\x06\x169") == 2  # the rest wait their turn
         assert redis_client.hlen("unacked") == 8 and redis_client.zcard("unacked_index") == 8
-        qos = conn.default_channel.qos
-        with transport.acks_together(qos):
+        with transport.acks_together(conn.default_channel.qos):
             for _, message in got:
                 message.ack()
             assert redis_client.hlen("unacked") == 8  # sent together, on leaving
@@ -65,9 +70,7 @@ def test_messages_fetched_in_bulk_and_not_acked_come_back_on_close(redis_url, re
         consume(conn, queue, 10, again)
         conn.drain_events(timeout=5)
         assert sorted(body["n"] for body, _ in again) == [1, 2, 3, 4]
-        with transport.acks_together(conn.default_channel.qos):
-            for _, message in again:
-                message.ack()
+        ack_all(conn, again)
 
 
 def test_kombu_fetches_one_at_a_time_when_not_enabled(redis_url, redis_client):
@@ -78,6 +81,21 @@ def test_kombu_fetches_one_at_a_time_when_not_enabled(redis_url, redis_client):
         consume(conn, queue, 10, got)
         conn.drain_events(timeout=5)
         assert len(got) == 1 and redis_client.hlen("unacked") == 1
-        with transport.acks_together(conn.default_channel.qos):
-            got[0][1].ack()
+        ack_all(conn, got)
         assert redis_client.hlen("unacked") == 0
+
+
+def test_items_that_are_not_kombu_messages_are_set_aside_and_the_rest_delivered(redis_url, redis_client, bulk):
+    queue = Queue("bulk-bad")
+    with Connection(redis_url, transport_options=OPTIONS) as conn:
+        redis_client.lpush("bulk-bad\x06\x165", "not json")  # what BRPOP returns first
+        publish(conn, queue, [({"n": 0}, 5)])
+        redis_client.lpush("bulk-bad\x06\x165", '{"json": "but no delivery tag"}')  # met by the script
+        publish(conn, queue, [({"n": 1}, 5)])
+        got = []
+        consume(conn, queue, 10, got)
+        conn.drain_events(timeout=5)  # kombu's own loads would raise here
+        assert [body["n"] for body, _ in got] == [0, 1]
+        assert redis_client.lrange(transport.MALFORMED_KEY, 0, -1) == ['{"json": "but no delivery tag"}', "not json"]
+        assert redis_client.llen("bulk-bad\x06\x165") == 0 and redis_client.hlen("unacked") == 2
+        ack_all(conn, got)
