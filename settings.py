@@ -57,6 +57,12 @@ LOST_SWEEP_EVERY_S = _int("LOST_SWEEP_EVERY_S", 15)
 MAX_RETRIES = _int("MAX_RETRIES", 3)
 #: Torch threads per worker process; 0 picks cores / models served on this host.
 TORCH_THREADS = _int("TORCH_THREADS", 0)
+#: 1: each model's worker has one pool process more, kept for high-priority jobs, and runs other
+#: batches at the lowest CPU priority, so a high job never waits for a batch of others (it costs
+#: one more copy of the model in memory); 0: off.
+URGENT_LANE = _int("URGENT_LANE", 1)
+if URGENT_LANE not in (0, 1):
+    raise ValueError(f"URGENT_LANE must be 0 or 1, got {URGENT_LANE}")
 def _probability(name: str) -> float:
     raw = os.environ.get(name, "") or "0"
     try:

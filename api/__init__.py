@@ -46,9 +46,12 @@ def create_app(test_config: dict | None = None) -> Flask:
 
 def celery_init_app(app: Flask):
     """Attach the Celery app (to publish) and a job store (to read and write job records)."""
+    from tasks.messages import direct_publish_possible
     from tasks.store import JobStore
     from workers import app as celery
 
     app.extensions["celery"] = celery
     app.extensions["jobstore"] = JobStore.from_url(celery.conf.result_backend, app.config["JOB_TTL_S"])
+    # POST /jobs pushes a job's message with its record, in one transaction (else: send_task)
+    app.extensions["direct_publish"] = direct_publish_possible(celery)
     return celery

@@ -12,6 +12,7 @@ from flask import Blueprint, current_app, g, jsonify, request
 from api.errors import BadRequest, Conflict, NotFound, TooManyRequests, Unavailable
 from api.validation import check_items, parse_submission
 from celeryconfig import PRIORITIES
+from tasks.messages import task_message
 
 bp = Blueprint("jobs", __name__)
 log = logging.getLogger(__name__)
@@ -75,20 +76,26 @@ def submit():
         if sub.timeout_s:
             _refuse_if_too_late(store, spec.name, sub.priority, sub.timeout_s)
         now = time.time()
+        celery = current_app.extensions["celery"]
+        # The message only points at the job: its inputs are in the record.
+        kwargs = {"model": spec.name, "n_inputs": len(sub.items), "single": sub.single}
+        message = None
+        if current_app.extensions["direct_publish"]:  # pushed with the record, in one transaction
+            message = task_message(celery, TASK_NAME, job_id, spec.queue, PRIORITIES[sub.priority], kwargs)
         store.create(job_id, model=spec.name, priority=sub.priority, owner=g.owner, n_inputs=len(sub.items),
                      single=sub.single, deadline=now + sub.timeout_s if sub.timeout_s else None, now=now,
-                     inputs=sub.items)
+                     inputs=sub.items, message=message)
         created = True
-        try:  # the message only points at the job: its inputs are in the record
-            current_app.extensions["celery"].send_task(
-                TASK_NAME, task_id=job_id, queue=spec.queue, priority=PRIORITIES[sub.priority],
-                kwargs={"model": spec.name, "n_inputs": len(sub.items), "single": sub.single},
-                # The worker stores results itself; without this, Celery's Redis backend subscribes
-                # this process to the job's result channel on every send (a round trip, and ~0.2 ms).
-                ignore_result=True)
-        except Exception as exc:  # whatever kombu raises while the broker reconnects: not published
-            raise Unavailable("the broker did not take the job; retry (with the same Idempotency-Key)",
-                              headers={"Retry-After": "1"}) from exc
+        if message is None:
+            try:
+                celery.send_task(
+                    TASK_NAME, task_id=job_id, queue=spec.queue, priority=PRIORITIES[sub.priority], kwargs=kwargs,
+                    # The worker stores results itself; without this, Celery's Redis backend subscribes
+                    # this process to the job's result channel on every send (a round trip, and ~0.2 ms).
+                    ignore_result=True)
+            except Exception as exc:  # whatever kombu raises while the broker reconnects: not published
+                raise Unavailable("the broker did not take the job; retry (with the same Idempotency-Key)",
+                                  headers={"Retry-After": "1"}) from exc
     except Exception:
         _undo(store, job_id, spec.name, sub.priority, idem_key, created)
         raise

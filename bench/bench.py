@@ -12,7 +12,7 @@ For each model, on this machine, in one run:
    latency at the same absolute loads;
 4. overhead at idle: one job at a time over HTTP, end-to-end minus the model's own single-item time;
 5. priorities under overload: 2x our rate for a while, 20% high and 80% low; p95 of each, and of
-   high at idle;
+   high at idle; then again with 10% and 5% high (``--high-shares``);
 6. adaptive vs fixed batching: on the same worker (``celery control set_batching``), items/s at
    saturation and the idle overhead for adaptive batching and for fixed settings: the entry's
    max_batch_size, and the limit run's best batch size, each with the entry's max_wait_ms and with 0.
@@ -410,8 +410,24 @@ def bench_model(model: str, args, work: Path) -> dict:
         idle = sequential(ours, n_idle)
         idle_high = sequential(ours, n_idle, "high")
         overhead = [t - lim["single_ms_p50"] for t in idle]
-        say(f"{model}: priorities at 2x our rate for {window:.0f}s")
-        overload = open_loop(ours, 2 * rate, window, priorities=(("high", 0.2), ("low", 0.8)))
+        # The target (high p95 at 2x <= 2x its idle p95) depends on how much of the load is high: the
+        # first share is the headline, the others show where it holds.
+        by_share = {}
+        prio_window = 10.0 if quick else 30.0  # enough high jobs for a p95 at the smallest share
+        for share in args.high_shares:
+            say(f"{model}: priorities at 2x our rate for {prio_window:.0f}s, {share:.0%} high")
+            by_share[share] = open_loop(ours, 2 * rate, prio_window, priorities=(("high", share), ("low", 1 - share)))
+        overload = by_share[args.high_shares[0]]
+        high_idle_p95 = pct(idle_high, 95)
+        shares = {}
+        for share, run in by_share.items():
+            high, low = run["by_priority"]["high"], run["by_priority"]["low"]
+            shares[str(share)] = {
+                "high_jobs_per_s": round(2 * rate * share, 2), "high_jobs": high["jobs"], "high_p95_ms": high["p95_ms"],
+                "low_p95_ms": low["p95_ms"], "failed": run["failed"],
+                "high_p95_vs_idle": round(high["p95_ms"] / high_idle_p95, 2) if high["p95_ms"] and high_idle_p95 else None,
+                **{k: v for k, v in high.items() if k.endswith("_p50_p95")}}
+            say(f"{model}: {share:.0%} high: {shares[str(share)]}")
         comparison = None
         if not args.no_compare:
             say(f"{model}: adaptive vs fixed batching")
@@ -449,9 +465,13 @@ def bench_model(model: str, args, work: Path) -> dict:
         "idle_e2e_ms_p50": pct(idle, 50),
         "idle_overhead_ms_p50": pct(overhead, 50),
         "idle_overhead_ms_p99": pct(overhead, 99),
-        "high_p95_ms_idle": pct(idle_high, 95),
+        "high_p95_ms_idle": high_idle_p95,
         "high_p95_ms_overload": overload["by_priority"]["high"]["p95_ms"],
         "low_p95_ms_overload": overload["by_priority"]["low"]["p95_ms"],
+        "high_share_overload": args.high_shares[0],
+        "priorities_by_high_share": shares,
+        "priorities_by_high_share_cdf": {str(sh): run["by_priority"]["high"]["cdf_ms"] for sh, run in by_share.items()
+                                         if sh != args.high_shares[0]},
         "ours_warm_up": warm, "ours_saturation": sat, "naive_saturation": naive_sat, "batching_comparison": comparison,
         "ours_latency_by_load": ours_loads, "naive_latency_by_load": naive_loads, "overload": overload,
     })
@@ -498,10 +518,15 @@ def plots(results: dict, out: Path) -> list[str]:
         save(fig, ax, f"{m}: latency vs load", f"latency-{m}.png", fontsize=8)
 
         fig, ax = plt.subplots(figsize=(7, 4))
+        share = r.get("high_share_overload", 0.2)
         for p, data in r["overload"]["by_priority"].items():
             cdf = data["cdf_ms"]
             if cdf:
-                ax.plot(cdf, [(i + 1) / len(cdf) for i in range(len(cdf))], label=f"{p} at 2x capacity")
+                ax.plot(cdf, [(i + 1) / len(cdf) for i in range(len(cdf))],
+                        label=f"{p} at 2x capacity ({share if p == 'high' else 1 - share:.0%} of jobs)")
+        for other, data in (r.get("priorities_by_high_share_cdf") or {}).items():
+            ax.plot(data, [(i + 1) / len(data) for i in range(len(data))], "--",
+                    label=f"high at 2x capacity ({float(other):.0%} of jobs)")
         ax.axvline(r["high_p95_ms_idle"], color="grey", linestyle=":", label="high p95 at idle")
         ax.set_xscale("log")
         ax.set_xlabel("end-to-end ms")
@@ -529,6 +554,17 @@ def commit() -> str | None:
     return head + ("+changes" if dirty else "")
 
 
+def shares_arg(text: str) -> list[float]:
+    """``--high-shares``: fractions in (0, 1), comma-separated."""
+    try:
+        shares = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not shares or any(not 0 < x < 1 for x in shares):
+        raise argparse.ArgumentTypeError(f"shares must be between 0 and 1 (exclusive), got {text!r}")
+    return shares
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short windows: a few minutes for both models")
@@ -539,6 +575,8 @@ def main() -> None:
     parser.add_argument("--batching", choices=("adaptive", "fixed"), help="... and this batching mode")
     parser.add_argument("--concurrency", type=int, default=1, help="pool processes in our worker (default 1)")
     parser.add_argument("--no-compare", action="store_true", help="skip the adaptive vs fixed batching comparison")
+    parser.add_argument("--high-shares", default="0.2,0.1,0.05", type=shares_arg,
+                        help="shares of high jobs in the 2x overload runs; the first is the headline (default 0.2,0.1,0.05)")
     parser.add_argument("--limit-of", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=3.0, help=argparse.SUPPRESS)
@@ -567,6 +605,7 @@ def main() -> None:
                "settings": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
                             "batching": args.batching,
                             "torch_threads": len(MODEL_CORES), "worker_concurrency": args.concurrency, "api_workers": 2,
+                            "urgent_lane": os.environ.get("URGENT_LANE", "1") == "1",
                             "task_sent_events": os.environ.get("TASK_SENT_EVENTS", "0") == "1"}}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for model in args.models.split(","):

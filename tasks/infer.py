@@ -25,7 +25,7 @@ import settings
 from celeryconfig import PRIORITIES
 from models.exceptions import ConfigError
 from tasks.store import EXPIRED
-from workers import state
+from workers import lane, state
 from workers.app import app
 from workers.batching import Job, Outcome, error_dict, execute
 from workers.consumer import ModelBatches
@@ -78,6 +78,15 @@ def _flush_events(hostname: str) -> None:
 
 @app.task(base=ModelBatches, name=TASK_NAME, bind=True)
 def infer(self, requests) -> dict[str, Any]:
+    """Run a batch (see :func:`run_batch`). With an urgent lane, a batch with no ``high`` job runs
+    in this process's low-priority thread (``workers.lane``), so a ``high`` batch in another
+    process takes the cores first."""
+    if self.lane and not any(_priority(r) == "high" for r in requests):  # (set before the pool forked)
+        return lane.in_background(run_batch, self, requests)
+    return run_batch(self, requests)
+
+
+def run_batch(self, requests) -> dict[str, Any]:
     """Run a batch; return the ids of the requests that are finished (to be acked), with the
     batch's figures: jobs and inputs run, and the time spent in the model.
 

@@ -186,9 +186,10 @@ class JobStore:
     # -- API side ---------------------------------------------------------
     def create(self, job_id: str, *, model: str, priority: str, owner: str, n_inputs: int,
                single: bool, deadline: float | None, now: float | None = None,
-               inputs: list | None = None) -> None:
+               inputs: list | None = None, message: tuple[str, str] | None = None) -> None:
         """Record a job. Its inputs live here, not in the broker message (which only points at the
-        job), so a message lost in transit can be sent again from the record (``find_lost``)."""
+        job), so a message lost in transit can be sent again from the record (``find_lost``).
+        ``message``: (a broker list, a message) pushed in the same transaction (``tasks.messages``)."""
         now = time.time() if now is None else now
         pipe = self.r.pipeline()
         pipe.hset(self.key(job_id), mapping={
@@ -201,6 +202,8 @@ class JobStore:
         pipe.zadd(live_key(model), {job_id: now})
         pipe.hincrby(f"waiting:{model}", priority, 1)
         pipe.hincrby("stats:submitted", f"{model}|{priority}", 1)
+        if message is not None:
+            pipe.lpush(*message)
         pipe.execute()
 
     def forget(self, job_id: str, model: str, priority: str) -> None:

@@ -79,8 +79,22 @@ class ModelBinding(bootsteps.Step):
         concurrency = max(1, worker.concurrency or 1)
         worker.prefetch_multiplier = max(worker.prefetch_multiplier or 1,
                                          math.ceil(2 * spec.max_batch_size / concurrency))
-        worker.app.tasks["tasks.infer"].configure(spec.max_batch_size, spec.max_wait_ms,
-                                                  adaptive=spec.batching == "adaptive")
+        task = worker.app.tasks["tasks.infer"]
+        task.configure(spec.max_batch_size, spec.max_wait_ms, adaptive=spec.batching == "adaptive")
+        from celery.concurrency.prefork import TaskPool
+
+        pool_cls = getattr(worker, "pool_cls", None)
+        task.lane = (bool(settings.URGENT_LANE) and not getattr(worker, "autoscale", None)
+                     and isinstance(pool_cls, type) and issubclass(pool_cls, TaskPool))  # (processes only)
+        if task.lane:
+            # One process more, for high-priority jobs; its share of the prefetch window is kept
+            # for them too (the rest fills with other jobs' backlog).
+            worker.concurrency = concurrency + 1
+            if getattr(worker, "min_concurrency", None):  # (the pool step read it already)
+                worker.min_concurrency = worker.concurrency
+            transport.reserve(worker.prefetch_multiplier)
+        else:
+            transport.reserve(0)
         if settings.WORKER_METRICS_PORT:
             # Before the pool forks: its processes write their samples where /metrics reads them.
             import metrics
@@ -190,6 +204,16 @@ class Heartbeat(bootsteps.StartStopStep):
 
 
 app = make_celery()
+
+
+@signals.worker_process_init.connect
+def _load_model(**_):
+    """Each pool process loads its model as it starts, in a thread (Celery stops a
+    ``worker_process_init`` handler after 4 s): the lane's process is ready before the first
+    high-priority job, not loading for it. A batch that comes first waits for the load."""
+    from workers import state
+
+    state.load_in_background()
 
 
 @signals.after_setup_logger.connect

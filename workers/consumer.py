@@ -23,7 +23,11 @@ This subclass:
   round trip;
 * sends no per-job event from the main process: the pool sends ``task-received`` and
   ``task-started`` for a whole batch in one message as it starts (a publish per job here cost
-  about a third of this process's time, on the core the model runs on).
+  about a third of this process's time, on the core the model runs on);
+* with an urgent lane (``lane``: the pool has one process more than batches of other jobs may
+  use), ``high`` jobs never wait for a batch of other jobs: they go, by themselves, to a free
+  process as they arrive, and the pool runs other batches at the lowest CPU priority
+  (``workers.lane``), so the operating system runs the ``high`` batch first on the same cores.
 """
 
 from __future__ import annotations
@@ -74,8 +78,12 @@ def _ack_now(request) -> None:
 
 
 def _priority(request) -> int:
-    value = (request.delivery_info or {}).get("priority")
+    value = (getattr(request, "delivery_info", None) or {}).get("priority")
     return _LOWEST if value is None else int(value)
+
+
+def _urgent(request) -> bool:
+    return _priority(request) <= AdaptiveBatcher.URGENT_PRIORITY
 
 
 class ModelBatches(Batches):
@@ -93,11 +101,15 @@ class ModelBatches(Batches):
     adaptive = True
     #: While high-priority jobs are about: how long a returning batch waits for the next fetch.
     URGENT_FETCH_S = 0.005
+    #: An urgent lane: the pool has one process more than batches of other jobs may take at once.
+    lane = False
 
     def __init__(self) -> None:
         super().__init__()
         self._running: dict[Any, list] = {}  # the pool's result handle of each batch it holds -> requests
         self._sent_at: dict[Any, float] = {}  # ... -> when it was handed to the pool (monotonic)
+        self._urgent: set = set()  # ... of the batches with high-priority jobs
+        self._overlapped: set = set()  # ... of other batches a high-priority batch ran beside
         self.stats = BatchStats()
         self.policy = AdaptiveBatcher(self.flush_every)
         self._burst: list = []  # priorities of the bulk fetch being delivered
@@ -128,6 +140,12 @@ class ModelBatches(Batches):
         self._forget_dropped()
         return len(self._running) >= self._processes()
 
+    def _bulk_full(self) -> bool:
+        """No process may start a batch of other than high-priority jobs (with a lane: one process
+        is kept for them)."""
+        bulk = len(self._running) - len(self._urgent)
+        return self._busy() or bulk >= self._processes() - (1 if self.lane else 0)
+
     def _forget_dropped(self, now: float | None = None) -> None:
         """When the broker connection is lost, Celery flushes the pool: batches no process had
         accepted yet are dropped without a callback. Left counted, they would keep this worker
@@ -155,6 +173,8 @@ class ModelBatches(Batches):
                 continue
             requests = self._running.pop(result)
             self._sent_at.pop(result, None)
+            self._urgent.discard(result)
+            self._overlapped.discard(result)
             log.warning("batch of %d: %s; requeueing it", len(requests), why)
             try:
                 for request in requests:
@@ -194,6 +214,9 @@ class ModelBatches(Batches):
     def _do_flush(self) -> None:
         if self._pool is None or self._busy():
             return  # called again when the running batch returns
+        if (self.lane and self._bulk_full() and self._pending.empty()
+                and not any(map(_urgent, list(self._buffer.queue)))):
+            return  # only the lane is free, and no high job waits (the timer would requeue them all)
         waiting = list(consume_queue(self._buffer)) + list(consume_queue(self._pending))
         ready = []
         for request in waiting:
@@ -203,25 +226,47 @@ class ModelBatches(Batches):
                 continue
             else:
                 ready.append(request)
-        limit = self.flush_every
-        if self.adaptive and ready:
-            limit = self.policy.target(sum(_inputs(r) for r in ready), monotonic())
-        batch, rest = plan(ready, limit, _priority, _inputs)
+        if self.lane:
+            rest = self._flush_lanes(ready)
+        else:
+            limit = self.flush_every
+            if self.adaptive and ready:
+                limit = self.policy.target(sum(_inputs(r) for r in ready), monotonic())
+            batch, rest = plan(ready, limit, _priority, _inputs)
+            if batch:
+                self.flush(batch)
         for request in rest:
             self._buffer.put(request)
-        if batch:
-            self.flush(batch)
         if self._buffer.empty() and self._pending.empty():
             if self._tref is not None:
                 self._tref.cancel()
             self._tref = None
 
+    def _flush_lanes(self, ready: list) -> list:
+        """With a lane: high-priority jobs, by themselves, to each free process; then, if a process
+        may take one, a batch of the others at its full size (the pool runs it at the lowest CPU
+        priority, so it need not be short). Returns the requests left over."""
+        urgent = [r for r in ready if _urgent(r)]
+        others = [r for r in ready if not _urgent(r)]
+        while urgent and not self._busy():
+            limit = self.policy.target(sum(map(_inputs, urgent))) if self.adaptive else self.flush_every
+            batch, urgent = plan(urgent, limit, _priority, _inputs)
+            self.flush(batch)
+        if others and not self._bulk_full():
+            limit = self.policy.target(sum(map(_inputs, others))) if self.adaptive else self.flush_every
+            batch, others = plan(others, limit, _priority, _inputs)
+            self.flush(batch)
+        return urgent + others
+
     def _after_batch(self, handle: list) -> None:
         if handle:
             self._running.pop(handle[0], None)
             self._sent_at.pop(handle[0], None)
+            self._urgent.discard(handle[0])
+            self._overlapped.discard(handle[0])
         if not (self._buffer.empty() and self._pending.empty()):
-            if self.adaptive and self.policy.urgent(monotonic()) and hasattr(self._timer, "call_after"):
+            if (not self.lane and self.adaptive and self.policy.urgent(monotonic())
+                    and hasattr(self._timer, "call_after")):
                 # The acks just freed prefetch room; a waiting high-priority job is fetched first,
                 # but only on the event loop's next turn. Give it URGENT_FETCH_S to arrive (an
                 # arrival flushes at once) rather than start a batch without it.
@@ -240,7 +285,8 @@ class ModelBatches(Batches):
             if isinstance(value, dict):  # ids to ack, plus the batch's figures
                 self.stats.record(value.get("jobs", 0), value.get("inputs", 0), value.get("run_ms", 0.0),
                                   monotonic())
-                if value.get("jobs"):
+                if value.get("jobs") and not (handle and handle[0] in self._overlapped):
+                    # (a batch a high-priority one ran beside was slowed by it: not its own cost)
                     self.policy.record(value.get("inputs", 0), value.get("pool_ms", 0.0) / 1000)
                 value = value.get("ids")
             done = set(value or ())
@@ -272,6 +318,11 @@ class ModelBatches(Batches):
             callback=on_return, error_callback=on_error)
         if result is not None and not result.ready():  # (not already called back)
             handle.append(result)
+            if any(map(_urgent, requests)):
+                self._overlapped.update(r for r in self._running if r not in self._urgent)
+                self._urgent.add(result)
+            elif self._urgent:
+                self._overlapped.add(result)
             self._running[result] = requests
             self._sent_at[result] = monotonic()
         return result
@@ -329,6 +380,13 @@ class ModelBatches(Batches):
     def _plan(self, now: float | None = None) -> None:
         if not self.adaptive or self._busy():
             return  # the running batch's return flushes
+        if self.lane:
+            waiting = list(self._buffer.queue)
+            if any(map(_urgent, waiting)):
+                self._do_flush()  # a high job runs now, in a process of its own
+                return
+            if self._bulk_full():
+                return
         buffered = sum(_inputs(r) for r in list(self._buffer.queue))
         if buffered and not self.policy.should_wait(buffered, monotonic() if now is None else now):
             self._do_flush()

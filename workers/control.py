@@ -30,7 +30,7 @@ def batching(state):
     spec = worker_state.spec
     return {"model": spec.name if spec else None, "batching": "adaptive" if task.adaptive else "fixed",
             "max_batch_size": task.flush_every, "max_wait_ms": round(task.flush_interval * 1000, 3),
-            "prefetch": state.consumer.qos.value if state.consumer.qos else None,
+            "prefetch": state.consumer.qos.value if state.consumer.qos else None, "urgent_lane": task.lane,
             **task.stats.summary(monotonic()), **task.policy.summary()}
 
 
@@ -61,7 +61,13 @@ def set_batching(state, model, max_batch_size, max_wait_ms=None, mode=None):
     except ValueError as exc:
         return {"error": str(exc)}
     qos = state.consumer.qos
-    if qos is not None and qos.value < 2 * task.flush_every:  # room to buffer two batches
-        qos.set(2 * task.flush_every)
+    window = 2 * task.flush_every  # room to buffer two batches
+    if task.lane:  # and as much again kept for high-priority jobs
+        from workers import transport
+
+        transport.reserve(window)
+        window *= 2
+    if qos is not None and qos.value < window:
+        qos.set(window)
     return {"ok": f"{model}: max_batch_size={task.flush_every} max_wait_ms={round(task.flush_interval * 1000, 3)} "
                   f"batching={'adaptive' if task.adaptive else 'fixed'}"}

@@ -1,8 +1,10 @@
-"""Per-process worker state: the model this worker serves, loaded lazily.
+"""Per-process worker state: the model this worker serves, loaded once per pool process.
 
 ``bind`` runs in the worker's main process at start (before the pool forks);
 ``runner`` loads the model on first use in each pool process, never at import
-and never in ``worker_process_init`` (Celery kills those handlers after 4 s).
+and never in ``worker_process_init`` itself (Celery kills those handlers after
+4 s): that handler starts ``load_in_background``, and a batch arriving during
+the load waits for it.
 """
 
 from __future__ import annotations
@@ -95,3 +97,20 @@ def runner():
                     log.debug("model load metric not recorded: %s", exc)
                 _runner = candidate
     return _runner
+
+
+def load_in_background() -> threading.Thread | None:
+    """Start loading the bound model in a thread of this process (none bound: nothing). A load
+    that fails is logged; the first batch tries again, or fails with the configuration error."""
+    if spec is None:
+        return None
+
+    def load() -> None:
+        try:
+            runner()
+        except Exception as exc:
+            log.warning("model %s did not load at start: %s", spec.name, exc)
+
+    thread = threading.Thread(target=load, name="model-load", daemon=True)
+    thread.start()
+    return thread

@@ -15,7 +15,12 @@ With :func:`enable` (a worker serving a model calls it):
   and :func:`on_burst_end` callbacks run after the last, so a batch is planned once for all of them;
 * :func:`acks_together` sends the acks of a finished batch in one ``MULTI``;
 * an item on the queue that is not a kombu message (not JSON, no delivery tag) is set aside in
-  :data:`MALFORMED_KEY` with an error in the log; kombu's own path raises on it and stops the worker.
+  :data:`MALFORMED_KEY` with an error in the log; kombu's own path raises on it and stops the worker;
+* with :func:`reserve` (a worker with an urgent lane), the last part of the prefetch window is kept
+  for the first priority step (``high``): once the rest is full, ``BRPOP`` reads only the ``high``
+  lists (with a short timeout, so other messages are read again as soon as acks make room) and a
+  fetch takes other messages only up to that point. Without it a backlog of ``low`` jobs fills the
+  window, and a ``high`` job stays in Redis until a batch finishes and is acked.
 
 Consumers that do not ack (``no_ack``) never reach this: the worker's task queues are the only
 ``BRPOP`` queues it enables it for. With a global key prefix kombu's own path is kept.
@@ -33,11 +38,13 @@ log = logging.getLogger(__name__)
 
 #: KEYS: the unacked index, the unacked hash, the list for malformed items, then the lists in the
 #: order BRPOP reads them.
-#: ARGV: the most messages to take, the time to record them under.
+#: ARGV: the most messages to take, the time to record them under, and (optional) the most to take
+#: from the lists after the first ``ARGV[4]`` ones (the first priority step's lists).
 FETCH = """
 local want, now, out = tonumber(ARGV[1]), ARGV[2], {}
+local want_later, first_lists, later = tonumber(ARGV[3] or ARGV[1]), tonumber(ARGV[4] or 0), 0
 for i = 4, #KEYS do
-  while #out < 2 * want do
+  while #out < 2 * want and (i - 3 <= first_lists or later < want_later) do
     local item = redis.call('RPOP', KEYS[i])
     if not item then break end
     local ok, message = pcall(cjson.decode, item)
@@ -52,6 +59,7 @@ for i = 4, #KEYS do
                  '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
       out[#out + 1] = KEYS[i]
       out[#out + 1] = item
+      if i - 3 > first_lists then later = later + 1 end
     end
   end
 end
@@ -65,8 +73,13 @@ MALFORMED_KEY = "malformed-messages"
 #: The most messages one fetch takes beyond the BRPOP's (the prefetch window bounds it too).
 MAX_FETCH = 256
 
+#: While the window is full up to the reserve, BRPOP waits this long on the ``high`` lists alone
+#: before it reads all lists again (Redis takes fractions of a second).
+RESERVED_BRPOP_TIMEOUT_S = 0.02
+
 _enabled = False
 _bursting = False
+_reserve = 0
 _burst_end: list[Callable[[], None]] = []
 
 
@@ -81,6 +94,25 @@ def disable() -> None:
     """kombu's own path again (tests)."""
     global _enabled
     _enabled = False
+
+
+def reserve(messages: int) -> None:
+    """Keep the last ``messages`` of the prefetch window (at most half of it) for messages of the
+    first priority step (0, ``high``); 0 turns it off."""
+    global _reserve
+    if messages < 0:
+        raise ValueError(f"messages must be >= 0, got {messages}")
+    _reserve = messages
+
+
+def _reserved(qos) -> tuple[int, int]:
+    """(the messages held, the most of them that may be of a later priority step) on ``qos``; the
+    second is None without a reserve."""
+    held = len(qos._delivered) - len(qos._dirty)
+    window = qos.prefetch_count or 0
+    if not (_enabled and _reserve and window >= 2):
+        return held, None
+    return held, window - min(_reserve, window // 2)
 
 
 def bursting() -> bool:
@@ -137,17 +169,19 @@ def _fetch_more(channel, queues: list[str]) -> list[tuple[str, dict]]:
     from kombu.utils.encoding import bytes_to_str
     from kombu.utils.json import loads
 
-    room = min(channel.qos.can_consume_max_estimate() - 1, MAX_FETCH)
+    qos = channel.qos
+    room = min(qos.can_consume_max_estimate() - 1, MAX_FETCH)
     if room <= 0 or not queues:
         return []
     keys = [channel._q_for_pri(queue, pri) for pri in channel.priority_steps for queue in queues]
-    qos = channel.qos
+    held, later_max = _reserved(qos)
+    later_room = room if later_max is None else max(0, later_max - held - 1)  # (the BRPOP's message: 1)
     with channel.conn_or_acquire() as client:
         script = channel.__dict__.get("_fetch_script")
         if script is None:
             script = channel.__dict__["_fetch_script"] = client.register_script(FETCH)
         flat = script(keys=[qos.unacked_index_key, qos.unacked_key, MALFORMED_KEY, *keys],
-                      args=[room, time.time()], client=client)
+                      args=[room, time.time(), later_room, len(queues)], client=client)
     out = []
     for i in range(0, len(flat), 2):
         message = loads(bytes_to_str(flat[i + 1]))
@@ -157,8 +191,8 @@ def _fetch_more(channel, queues: list[str]) -> list[tuple[str, dict]]:
 
 
 def install() -> None:
-    """Patch kombu's Redis ``Channel._brpop_read``, ``QoS.append`` and ``QoS.ack`` (idempotent); they
-    behave as kombu's own until :func:`enable` is called."""
+    """Patch kombu's Redis ``Channel._brpop_start``, ``_brpop_read``, ``QoS.append`` and ``QoS.ack``
+    (idempotent); they behave as kombu's own until :func:`enable` is called."""
     from kombu.transport import redis as kombu_redis
     from kombu.transport import virtual
     from kombu.utils.encoding import bytes_to_str
@@ -166,7 +200,21 @@ def install() -> None:
     Channel, QoS = kombu_redis.Channel, kombu_redis.QoS
     if getattr(Channel._brpop_read, "fetches_in_bulk", False):
         return
-    brpop_read, append, ack = Channel._brpop_read, QoS.append, QoS.ack
+    brpop_start, brpop_read, append, ack = Channel._brpop_start, Channel._brpop_read, QoS.append, QoS.ack
+
+    def _brpop_start(self, timeout=None):
+        """kombu's, but on the ``high`` lists alone (and briefly) once the window is full up to the
+        reserve (:func:`reserve`)."""
+        held, later_max = _reserved(self.qos) if _enabled and not self.global_keyprefix else (0, None)
+        if later_max is None or held < later_max:
+            return brpop_start(self, timeout)
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        keys = [self._q_for_pri(queue, self.priority_steps[0]) for queue in queues]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()
+        self.client.connection.send_command("BRPOP", *keys, RESERVED_BRPOP_TIMEOUT_S)
 
     def _brpop_read(self, **options):
         """kombu's ``_brpop_read`` (same reply handling), then :func:`_fetch_more`, then delivery."""
@@ -238,4 +286,4 @@ def install() -> None:
         virtual.QoS.ack(self, delivery_tag)
 
     _brpop_read.fetches_in_bulk = True
-    Channel._brpop_read, QoS.append, QoS.ack = _brpop_read, _append, _ack
+    Channel._brpop_start, Channel._brpop_read, QoS.append, QoS.ack = _brpop_start, _brpop_read, _append, _ack

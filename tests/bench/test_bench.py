@@ -53,3 +53,12 @@ def test_the_batching_comparison_covers_adaptive_and_the_fixed_settings_a_user_w
     # the limit's best is the entry's size, and the entry waits 0: no duplicates
     assert bench.batching_settings(SimpleNamespace(max_batch_size=8, max_wait_ms=0.0), 8) == [
         ("adaptive", 8, 0.0), ("fixed", 8, 0.0)]
+
+
+def test_high_shares_are_fractions_and_the_first_is_the_headline():
+    import argparse
+
+    assert bench.shares_arg("0.2,0.1, 0.05") == [0.2, 0.1, 0.05]
+    for bad in ("", "0.2,x", "0", "1", "0.2,1.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.shares_arg(bad)

@@ -32,10 +32,12 @@ def test_celery_inspect_and_our_batching_commands(client, stack_env, stack_dir, 
         queues = inspect_json(env, node, "active_queues")
         assert [q["name"] for q in queues] == ["jobs.prio"]
         stats = inspect_json(env, node, "stats")
-        assert stats["pool"]["max-concurrency"] == 1 and stats["prefetch_count"] >= 8
+        # WORKER_CONCURRENCY=1, and one process more for high-priority jobs (URGENT_LANE)
+        assert stats["pool"]["max-concurrency"] == 2 and stats["prefetch_count"] >= 16
 
         figures = inspect_json(env, node, "batching")
         assert figures["model"] == "prio" and figures["max_batch_size"] == 4 and figures["max_wait_ms"] == 5
+        assert figures["urgent_lane"] is True
         assert figures["batches"] >= 1 and figures["jobs"] >= 6 and figures["inference_ms_p50"] >= 20
         assert figures["items_per_s"] > 0
 

@@ -44,9 +44,10 @@ def pool_pids(worker) -> set[str]:
 
 @pytest.fixture(scope="module")
 def metered(client, stack_env, stack_dir, redis_url):
-    """A worker of its own for the ``metered`` model: metrics on a free port, two pool processes."""
+    """A worker of its own for the ``metered`` model: metrics on a free port, two pool processes
+    (one for batches, one more for high-priority jobs: URGENT_LANE)."""
     port = free_port()
-    env = {**stack_env, "WORKER_METRICS_PORT": str(port), "WORKER_CONCURRENCY": "2"}
+    env = {**stack_env, "WORKER_METRICS_PORT": str(port), "WORKER_CONCURRENCY": "1", "URGENT_LANE": "1"}
     worker, node = start_ready_worker(MODEL, env, stack_dir, redis_url)
     try:
         yield worker, node, f"http://127.0.0.1:{port}/metrics"

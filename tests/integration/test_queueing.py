@@ -4,6 +4,8 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from tests.procs import start_worker, worker_ready
 
 
@@ -124,3 +126,28 @@ def test_a_deadline_the_queue_already_rules_out_is_refused_at_once(client, stack
         assert client.wait(patient)["status"] == "succeeded"
     finally:
         worker.stop()
+
+
+@pytest.mark.parametrize("lane", ["1", "0"])
+def test_a_high_job_does_not_wait_for_a_running_batch_of_others_with_the_urgent_lane(
+        client, stack_env, stack_dir, redis_url, lane):
+    """URGENT_LANE=1 (the default): a high job starts in the spare process while a 3 s batch of low
+    jobs runs; with 0 it waits for that batch to finish."""
+    from tests.procs import wait_until
+
+    worker = start_worker("slow", {**stack_env, "URGENT_LANE": lane}, stack_dir)  # 3 s a batch of up to 4
+    try:
+        worker_ready(redis_url, "slow", worker)
+        low = [client.submit("slow", f"low {i}", priority="low")["id"] for i in range(4)]
+        wait_until(lambda: client.get(f"/jobs/{low[0]}").json()["status"] == "running", 30, "the low batch")
+        high = client.submit("slow", "high", priority="high")["id"]
+        jobs = {i: client.wait(i, timeout=30) for i in low + [high]}
+    finally:
+        worker.stop()
+    assert all(j["status"] == "succeeded" for j in jobs.values()), jobs
+    low_done = min(jobs[i]["finished_at"] for i in low)
+    if lane == "1":
+        assert jobs[high]["started_at"] < low_done
+        assert jobs[high]["result"]["pid"] != jobs[low[0]]["result"]["pid"]  # the lane's process
+    else:
+        assert jobs[high]["started_at"] >= low_done

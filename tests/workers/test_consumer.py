@@ -23,10 +23,11 @@ class FakePool:
 
     def __init__(self):
         self._pool = SimpleNamespace(_cache={})
-        self.calls = []
+        self.calls, self.batches = [], []
 
     def apply_async(self, fn, args, callback, error_callback):
         self.calls.append((callback, error_callback))
+        self.batches.append([r.id for r in args[1][0]])
         return FakeResult(self._pool._cache)
 
 
@@ -181,3 +182,52 @@ def test_the_messages_of_one_bulk_fetch_are_planned_as_one_batch(monkeypatch):
     task._after_burst()  # what the transport calls after the fetch's last message
     assert len(task._pool.calls) == 1 and task._buffer.empty()  # one batch of all five
     assert task.policy.arrival_rate(monotonic()) == 0.0  # one arrival of five, not five 0-gaps
+
+
+def _arrive(task, rid, priority):
+    request = FakeRequest(rid)
+    request.eta, request.acknowledged, request.kwargs, request.delivery_info = None, False, {}, {"priority": priority}
+    task._buffer.put(request)
+    task._on_arrival()
+    return request
+
+
+def _finish(task, call, ids, inputs, pool_ms=10.0):
+    task._pool.calls[call][0]({"ids": ids, "jobs": len(ids), "inputs": inputs, "run_ms": pool_ms, "pool_ms": pool_ms})
+
+
+def test_with_a_lane_high_jobs_go_alone_to_the_spare_process_while_a_batch_of_others_runs(monkeypatch):
+    task = _task(monkeypatch)
+    task._pool.num_processes, task.lane = 2, True
+    task._timer = FakeTimer()
+    for size in task.policy.sizes:  # learnt: bigger batches are cheaper per input
+        for _ in range(task.policy.MIN_SAMPLES):
+            task.policy.record(size, 0.010)
+    _arrive(task, "low1", 9)
+    assert task._pool.batches == [["low1"]]  # idle: at once
+    _arrive(task, "low2", 9)
+    _arrive(task, "low3", 9)
+    assert len(task._pool.batches) == 1  # the other process is kept for high jobs
+    _arrive(task, "high1", 0)
+    assert task._pool.batches[1] == ["high1"]  # at once, beside the running batch, without the low ones
+    _arrive(task, "high2", 0)
+    assert len(task._pool.batches) == 2  # both processes busy
+    learnt = task.policy.samples[1]
+    _finish(task, 1, ["high1"], 1)
+    assert task._pool.batches[2] == ["high2"]  # the lane's next: the high one, low ones still wait
+    assert task.policy.samples[1] == learnt + 1
+    _finish(task, 0, ["low1"], 1, pool_ms=40.0)
+    assert task._pool.batches[3] == ["low2", "low3"]
+    # the batch high1 ran beside was slowed by it: not learnt as the cost of its size
+    assert task.policy.samples[1] == learnt + 1 and task.policy.cost[1] < 0.011
+
+
+def test_without_a_lane_a_high_job_waits_for_the_running_batch(monkeypatch):
+    task = _task(monkeypatch)
+    task._pool.num_processes = 2
+    task._timer = FakeTimer()
+    for rid in ("low1", "low2"):
+        _arrive(task, rid, 9)
+    _arrive(task, "high1", 0)
+    assert task._pool.batches == [["low1"], ["low2"]]  # two processes, two batches of others
+    assert not task._buffer.empty()

@@ -99,3 +99,37 @@ def test_items_that_are_not_kombu_messages_are_set_aside_and_the_rest_delivered(
         assert redis_client.lrange(transport.MALFORMED_KEY, 0, -1) == ['{"json": "but no delivery tag"}', "not json"]
         assert redis_client.llen("bulk-bad\x06\x165") == 0 and redis_client.hlen("unacked") == 2
         ack_all(conn, got)
+
+
+@pytest.fixture
+def reserved(bulk):
+    transport.reserve(4)
+    yield
+    transport.reserve(0)
+
+
+def test_a_reserve_keeps_the_end_of_the_window_for_high_priority_messages(redis_url, redis_client, reserved):
+    import socket
+
+    queue = Queue("bulk-reserve")
+    with Connection(redis_url, transport_options=OPTIONS) as conn:
+        publish(conn, queue, [({"n": i}, 9) for i in range(10)])  # a backlog of low
+        got = []
+        consume(conn, queue, 8, got)
+        conn.drain_events(timeout=5)
+        assert [body["n"] for body, _ in got] == [0, 1, 2, 3]  # the window less the reserve (4 of 8)
+        publish(conn, queue, [({"n": 100 + i}, 0) for i in range(3)])
+        conn.drain_events(timeout=5)
+        assert [body["n"] for body, _ in got[4:]] == [100, 101, 102]  # high ones still come in
+        with pytest.raises(socket.timeout):  # low ones do not, until acks make room
+            conn.drain_events(timeout=0.3)
+        assert redis_client.llen("bulk-reserve\x06\x169") == 6 and redis_client.hlen("unacked") == 7
+        ack_all(conn, got[:4])
+        conn.drain_events(timeout=5)
+        assert [body["n"] for body, _ in got[7:]] == [4]  # 3 high held, 1 low: up to the reserve again
+        ack_all(conn, got[4:])
+        transport.reserve(0)  # off: the whole window fills with low ones again
+        conn.drain_events(timeout=5)
+        assert [body["n"] for body, _ in got[8:]] == [5, 6, 7, 8, 9]
+        ack_all(conn, got[8:])
+        assert redis_client.hlen("unacked") == 0
