@@ -12,7 +12,7 @@ For each model, on this machine, in one run:
    latency at the same absolute loads;
 4. overhead at idle: one job at a time over HTTP, end-to-end minus the model's own single-item time;
 5. priorities under overload: 2x our rate for a while, 20% high and 80% low; p95 of each, and of
-   high at idle; then again with 10% and 5% high (``--high-shares``);
+   high at idle; then again with 10% and 5% high (``--high-shares``; the quick mode runs 20% only);
 6. adaptive vs fixed batching: on the same worker (``celery control set_batching``), items/s at
    saturation and the idle overhead for adaptive batching and for fixed settings: the entry's
    max_batch_size, and the limit run's best batch size, each with the entry's max_wait_ms and with 0.
@@ -413,10 +413,9 @@ def bench_model(model: str, args, work: Path) -> dict:
         # The target (high p95 at 2x <= 2x its idle p95) depends on how much of the load is high: the
         # first share is the headline, the others show where it holds.
         by_share = {}
-        prio_window = 10.0 if quick else 30.0  # enough high jobs for a p95 at the smallest share
         for share in args.high_shares:
-            say(f"{model}: priorities at 2x our rate for {prio_window:.0f}s, {share:.0%} high")
-            by_share[share] = open_loop(ours, 2 * rate, prio_window, priorities=(("high", share), ("low", 1 - share)))
+            say(f"{model}: priorities at 2x our rate for {window:.0f}s, {share:.0%} high")
+            by_share[share] = open_loop(ours, 2 * rate, window, priorities=(("high", share), ("low", 1 - share)))
         overload = by_share[args.high_shares[0]]
         high_idle_p95 = pct(idle_high, 95)
         shares = {}
@@ -575,12 +574,15 @@ def main() -> None:
     parser.add_argument("--batching", choices=("adaptive", "fixed"), help="... and this batching mode")
     parser.add_argument("--concurrency", type=int, default=1, help="pool processes in our worker (default 1)")
     parser.add_argument("--no-compare", action="store_true", help="skip the adaptive vs fixed batching comparison")
-    parser.add_argument("--high-shares", default="0.2,0.1,0.05", type=shares_arg,
-                        help="shares of high jobs in the 2x overload runs; the first is the headline (default 0.2,0.1,0.05)")
+    parser.add_argument("--high-shares", type=shares_arg,
+                        help="shares of high jobs in the 2x overload runs; the first is the headline "
+                             "(default 0.2,0.1,0.05; with --quick, 0.2)")
     parser.add_argument("--limit-of", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=3.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.high_shares is None:
+        args.high_shares = [0.2] if args.quick else [0.2, 0.1, 0.05]
     if args.limit_of:
         print(json.dumps(limit_child(args.limit_of, args.threads, args.seconds)))
         return
