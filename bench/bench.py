@@ -45,6 +45,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 import orjson  # noqa: E402
 import requests  # noqa: E402
 
+import settings  # noqa: E402
 from bench.models import inputs_for, load_runner  # noqa: E402
 from tests.procs import Proc, free_port, start_api, start_redis, start_worker, wait_until, worker_ready  # noqa: E402
 
@@ -607,7 +608,7 @@ def main() -> None:
                "settings": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
                             "batching": args.batching,
                             "torch_threads": len(MODEL_CORES), "worker_concurrency": args.concurrency, "api_workers": 2,
-                            "urgent_lane": os.environ.get("URGENT_LANE", "1") == "1",
+                            "urgent_lane": bool(settings.URGENT_LANE),
                             "task_sent_events": os.environ.get("TASK_SENT_EVENTS", "0") == "1"}}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for model in args.models.split(","):

@@ -28,7 +28,7 @@ from tasks.store import EXPIRED
 from workers import lane, state
 from workers.app import app
 from workers.batching import Job, Outcome, error_dict, execute
-from workers.consumer import ModelBatches
+from workers.consumer import ModelBatches, is_urgent
 
 PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
 
@@ -81,7 +81,7 @@ def infer(self, requests) -> dict[str, Any]:
     """Run a batch (see :func:`run_batch`). With an urgent lane, a batch with no ``high`` job runs
     in this process's low-priority thread (``workers.lane``), so a ``high`` batch in another
     process takes the cores first."""
-    if self.lane and not any(_priority(r) == "high" for r in requests):  # (set before the pool forked)
+    if self.lane and not any(map(is_urgent, requests)):  # (lane: set before the pool forked)
         return lane.in_background(run_batch, self, requests)
     return run_batch(self, requests)
 

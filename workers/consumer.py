@@ -78,11 +78,12 @@ def _ack_now(request) -> None:
 
 
 def _priority(request) -> int:
-    value = (getattr(request, "delivery_info", None) or {}).get("priority")
+    value = (request.delivery_info or {}).get("priority")
     return _LOWEST if value is None else int(value)
 
 
-def _urgent(request) -> bool:
+def is_urgent(request) -> bool:
+    """A high-priority job: it goes to the urgent lane, and its batch runs at normal CPU priority."""
     return _priority(request) <= AdaptiveBatcher.URGENT_PRIORITY
 
 
@@ -215,7 +216,7 @@ class ModelBatches(Batches):
         if self._pool is None or self._busy():
             return  # called again when the running batch returns
         if (self.lane and self._bulk_full() and self._pending.empty()
-                and not any(map(_urgent, list(self._buffer.queue)))):
+                and not any(map(is_urgent, list(self._buffer.queue)))):
             return  # only the lane is free, and no high job waits (the timer would requeue them all)
         waiting = list(consume_queue(self._buffer)) + list(consume_queue(self._pending))
         ready = []
@@ -246,8 +247,8 @@ class ModelBatches(Batches):
         """With a lane: high-priority jobs, by themselves, to each free process; then, if a process
         may take one, a batch of the others at its full size (the pool runs it at the lowest CPU
         priority, so it need not be short). Returns the requests left over."""
-        urgent = [r for r in ready if _urgent(r)]
-        others = [r for r in ready if not _urgent(r)]
+        urgent = [r for r in ready if is_urgent(r)]
+        others = [r for r in ready if not is_urgent(r)]
         while urgent and not self._busy():
             limit = self.policy.target(sum(map(_inputs, urgent))) if self.adaptive else self.flush_every
             batch, urgent = plan(urgent, limit, _priority, _inputs)
@@ -318,7 +319,7 @@ class ModelBatches(Batches):
             callback=on_return, error_callback=on_error)
         if result is not None and not result.ready():  # (not already called back)
             handle.append(result)
-            if any(map(_urgent, requests)):
+            if any(map(is_urgent, requests)):
                 self._overlapped.update(r for r in self._running if r not in self._urgent)
                 self._urgent.add(result)
             elif self._urgent:
@@ -380,14 +381,14 @@ class ModelBatches(Batches):
     def _plan(self, now: float | None = None) -> None:
         if not self.adaptive or self._busy():
             return  # the running batch's return flushes
+        waiting = list(self._buffer.queue)
         if self.lane:
-            waiting = list(self._buffer.queue)
-            if any(map(_urgent, waiting)):
+            if any(map(is_urgent, waiting)):
                 self._do_flush()  # a high job runs now, in a process of its own
                 return
             if self._bulk_full():
                 return
-        buffered = sum(_inputs(r) for r in list(self._buffer.queue))
+        buffered = sum(_inputs(r) for r in waiting)
         if buffered and not self.policy.should_wait(buffered, monotonic() if now is None else now):
             self._do_flush()
 

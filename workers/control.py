@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from time import monotonic
 
 from celery.worker.control import control_command, inspect_command
@@ -60,14 +61,16 @@ def set_batching(state, model, max_batch_size, max_wait_ms=None, mode=None):
         task.configure(size, wait_ms, adaptive=None if mode is None else mode == "adaptive")
     except ValueError as exc:
         return {"error": str(exc)}
-    qos = state.consumer.qos
-    window = 2 * task.flush_every  # room to buffer two batches
-    if task.lane:  # and as much again kept for high-priority jobs
+    # As the worker sizes it at start (workers.app.ModelBinding): room to buffer two batches per
+    # process for batches, and with a lane one process's share more, kept for high-priority jobs.
+    processes = task._processes()
+    per_process = math.ceil(2 * task.flush_every / max(1, processes - (1 if task.lane else 0)))
+    if task.lane:
         from workers import transport
 
-        transport.reserve(window)
-        window *= 2
-    if qos is not None and qos.value < window:
-        qos.set(window)
+        transport.reserve(per_process)
+    qos = state.consumer.qos
+    if qos is not None and qos.value < per_process * processes:
+        qos.set(per_process * processes)
     return {"ok": f"{model}: max_batch_size={task.flush_every} max_wait_ms={round(task.flush_interval * 1000, 3)} "
                   f"batching={'adaptive' if task.adaptive else 'fixed'}"}

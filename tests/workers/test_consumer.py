@@ -34,6 +34,7 @@ class FakePool:
 class FakeRequest:
     def __init__(self, rid):
         self.id, self.rejected, self.acked = rid, False, False
+        self.delivery_info = {}  # (as a Celery request has)
 
     def reject(self, requeue):
         self.rejected = requeue
