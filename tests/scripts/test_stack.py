@@ -127,3 +127,22 @@ def test_up_is_idempotent_restarts_crashes_and_down_stops_everything(stack):
     assert "RUNNING" not in json.dumps(supervised(env))
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{env['FLOWER_PORT']}/", timeout=2)
+
+
+def test_every_setting_in_the_readme_reaches_the_programs_make_up_starts():
+    """supervisord starts the API and workers with only the environment stack.py gives them: a
+    setting the README lists must be forwarded, or set by stack.py itself."""
+    import importlib.util
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("## Operations")]
+    names = {n for pair in re.findall(r"^\| `([A-Z_]+)`(?:, `([A-Z_]+)`)?", table, re.M) for n in pair if n}
+    spec = importlib.util.spec_from_file_location("stack_script", ROOT / "scripts" / "stack.py")
+    stack_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stack_script)
+    # what stack.py (less the FORWARDED list itself) and bootstrap.sh read or set by name
+    source = re.sub(r"FORWARDED = \(.*?\n\)", "", (ROOT / "scripts" / "stack.py").read_text(), flags=re.S)
+    source += (ROOT / "scripts" / "bootstrap.sh").read_text()
+    assert "URGENT_LANE" in names and len(names) > 20
+    missing = sorted(n for n in names if n not in stack_script.FORWARDED and not re.search(rf"\b{n}\b", source))
+    assert not missing, f"README settings that make up's programs never see: {missing}"
