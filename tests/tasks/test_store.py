@@ -203,6 +203,29 @@ def test_find_lost_reports_live_jobs_whose_message_is_nowhere(store):
     assert store.r.zscore("live:m", done) is None  # finished jobs leave the index
 
 
+def test_find_lost_reads_a_long_queue_a_slice_at_a_time_and_misses_nothing_pushed_meanwhile(store):
+    """A backlog is read a few items per script call (Redis serves others in between); messages
+    pushed at the head between calls shift the rest, which are still all seen."""
+    queued = [new_job(store) for _ in range(23)]
+    lost = new_job(store)
+    for job_id in queued:
+        store.r.lpush("q", _message(job_id))
+    ranges = []
+    read = store._queued_ids
+
+    def reading(keys, args):
+        ranges.append((args[0], args[1]))
+        if len(ranges) == 2:  # between two slices, the API pushes more jobs at the head
+            for _ in range(7):
+                store.r.lpush("q", _message(str(uuid.uuid4())))
+        return read(keys=keys, args=args)
+
+    store._queued_ids = reading
+    found = store.find_lost("m", ["q"], grace_s=30, now=time.time() + 60, chunk=5)
+    assert [job["id"] for job in found] == [lost]
+    assert all(last - first + 1 == 5 for first, last in ranges) and len(ranges) == 7  # 30 items, 5 a call
+
+
 def test_inputs_live_in_the_record_until_the_job_ends(store):
     job_id = str(uuid.uuid4())
     store.create(job_id, model="m", priority="normal", owner="o", n_inputs=2, single=False, deadline=None,
