@@ -69,10 +69,6 @@ def submit():
                                headers={"Retry-After": "1"})
     created = False
     try:
-        depth = sum(store.queue_depths(spec.name, PRIORITIES).values())
-        if depth >= cfg["MAX_QUEUED"]:
-            raise TooManyRequests(f"model {spec.name!r} has {depth} jobs queued (limit {cfg['MAX_QUEUED']})",
-                                  headers={"Retry-After": "5"})
         if sub.timeout_s:
             _refuse_if_too_late(store, spec.name, sub.priority, sub.timeout_s)
         now = time.time()
@@ -82,9 +78,12 @@ def submit():
         message = None
         if current_app.extensions["direct_publish"]:  # pushed with the record, in one transaction
             message = task_message(celery, TASK_NAME, job_id, spec.queue, PRIORITIES[sub.priority], kwargs)
-        store.create(job_id, model=spec.name, priority=sub.priority, owner=g.owner, n_inputs=len(sub.items),
-                     single=sub.single, deadline=now + sub.timeout_s if sub.timeout_s else None, now=now,
-                     inputs=sub.items, message=message)
+        depth = store.create(job_id, model=spec.name, priority=sub.priority, owner=g.owner, n_inputs=len(sub.items),
+                             single=sub.single, deadline=now + sub.timeout_s if sub.timeout_s else None, now=now,
+                             inputs=sub.items, message=message, max_queued=cfg["MAX_QUEUED"])
+        if depth is not None:  # nothing was written
+            raise TooManyRequests(f"model {spec.name!r} has {depth} jobs queued (limit {cfg['MAX_QUEUED']})",
+                                  headers={"Retry-After": "5"})
         created = True
         if message is None:
             try:

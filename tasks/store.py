@@ -120,6 +120,31 @@ def live_key(model: str) -> str:
     return f"live:{model}"
 
 
+# A job's record, its indexes and counters, and (when given) its broker message, all or nothing.
+# KEYS: the record, the live index, the waiting counts, the submitted counter[, a broker list].
+# ARGV: the most jobs that may wait (-1: no limit), record TTL, now, job id, priority,
+#       submitted field, message (or ""), then the record's field/value pairs.
+# -> -1 if created; else the jobs waiting, at or over the limit (nothing written)
+_CREATE = """
+local limit = tonumber(ARGV[1])
+if limit >= 0 then
+  local depth = 0
+  for _, v in ipairs(redis.call('HVALS', KEYS[3])) do
+    local n = tonumber(v)
+    if n and n > 0 then depth = depth + n end
+  end
+  if depth >= limit then return depth end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+redis.call('HINCRBY', KEYS[3], ARGV[5], 1)
+redis.call('HINCRBY', KEYS[4], ARGV[6], 1)
+if KEYS[5] then redis.call('LPUSH', KEYS[5], ARGV[7]) end
+return -1
+"""
+
+
 # Messages lost in transit: kombu's Redis transport pops a message (BRPOP) and only then records
 # it as unacked; a worker killed, or a Redis restarted, between the two loses the message. The
 # job record survives, so these jobs are found and sent again (``JobStore.find_lost``).
@@ -176,6 +201,7 @@ class JobStore:
     def __init__(self, client: redis.Redis, ttl_s: int):
         self.r = client
         self.ttl_s = ttl_s
+        self._create = client.register_script(_CREATE)
         self._claim = client.register_script(_CLAIM)
         self._cancel = client.register_script(_CANCEL)
         self._expire = client.register_script(_EXPIRE_IF_DUE)
@@ -196,25 +222,26 @@ class JobStore:
     # -- API side ---------------------------------------------------------
     def create(self, job_id: str, *, model: str, priority: str, owner: str, n_inputs: int,
                single: bool, deadline: float | None, now: float | None = None,
-               inputs: list | None = None, message: tuple[str, str] | None = None) -> None:
+               inputs: list | None = None, message: tuple[str, str] | None = None,
+               max_queued: int | None = None) -> int | None:
         """Record a job. Its inputs live here, not in the broker message (which only points at the
         job), so a message lost in transit can be sent again from the record (``find_lost``).
-        ``message``: (a broker list, a message) pushed in the same transaction (``tasks.messages``)."""
+        ``message``: (a broker list, a message) pushed in the same step (``tasks.messages``).
+        ``max_queued``: create nothing if the model has that many jobs waiting already, and return
+        how many; checked in the same step (one round trip, and no two requests both take the last
+        place). Returns None once created."""
         now = time.time() if now is None else now
-        pipe = self.r.pipeline()
-        pipe.hset(self.key(job_id), mapping={
-            "model": model, "priority": priority, "owner": owner, "status": "queued",
-            "created_at": repr(now), "deadline": "" if deadline is None else repr(deadline),
-            "attempts": 0, "n_inputs": n_inputs, "single": int(single),
-            **({"inputs": json.dumps(inputs)} if inputs is not None else {}),
-        })
-        pipe.expire(self.key(job_id), self.ttl_s)
-        pipe.zadd(live_key(model), {job_id: now})
-        pipe.hincrby(f"waiting:{model}", priority, 1)
-        pipe.hincrby("stats:submitted", f"{model}|{priority}", 1)
+        fields = {"model": model, "priority": priority, "owner": owner, "status": "queued",
+                  "created_at": repr(now), "deadline": "" if deadline is None else repr(deadline),
+                  "attempts": 0, "n_inputs": n_inputs, "single": int(single),
+                  **({"inputs": json.dumps(inputs)} if inputs is not None else {})}
+        keys = [self.key(job_id), live_key(model), f"waiting:{model}", "stats:submitted"]
         if message is not None:
-            pipe.lpush(*message)
-        pipe.execute()
+            keys.append(message[0])
+        depth = self._create(keys=keys, args=[
+            -1 if max_queued is None else max_queued, self.ttl_s, repr(now), job_id, priority, f"{model}|{priority}",
+            "" if message is None else message[1], *(x for pair in fields.items() for x in pair)])
+        return None if depth == -1 else int(depth)
 
     def forget(self, job_id: str, model: str, priority: str) -> None:
         """Undo ``create`` when the message could not be published. ``stats:submitted`` is a counter

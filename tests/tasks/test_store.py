@@ -31,6 +31,20 @@ def test_create_and_view(store):
     assert 0 < store.r.ttl(store.key(job_id)) <= 60
 
 
+def test_create_refuses_past_max_queued_and_writes_nothing(store):
+    """The limit is checked in the step that writes: a job over it leaves no record, count or message."""
+    first, second, third = (str(uuid.uuid4()) for _ in range(3))
+    kw = dict(model="m", priority="low", owner="o", n_inputs=1, single=True, deadline=None, max_queued=2)
+    assert store.create(first, **kw, message=("q", "m1")) is None
+    assert store.create(second, **kw, message=("q", "m2")) is None
+    assert store.create(third, **kw, message=("q", "m3")) == 2
+    assert store.get(third) is None and store.r.lrange("q", 0, -1) == ["m2", "m1"]
+    assert store.queue_depths("m", PRIORITIES)["low"] == 2 and store.unfinished("m") == 2
+    assert store.counters()[0] == {"m|low": "2"}
+    store.claim([first], "w", 1, 5)  # one starts: a place is free again
+    assert store.create(third, **kw) is None and store.get(third)["status"] == "queued"
+
+
 def test_a_job_never_published_is_withdrawn_and_the_submitted_counter_never_drops(store):
     job_id = new_job(store)
     store.forget(job_id, "m", "high")  # the broker did not take its message
