@@ -19,7 +19,9 @@ For each model, on this machine, in one run:
 
 The worker (and the limit and naive runs) get the first half of this process's cores, with that many
 torch threads; Redis, the API and the load generator get the rest (taskset): as a deployment would
-put them on separate machines. Writes bench/results/latest.json and PNG plots next to it.
+put them on separate machines. Our open-loop runs are sent by bench/loadgen.py (gevent, in a process
+of its own: it spends less of that core than threads do). Writes bench/results/latest.json and PNG
+plots next to it.
 """
 
 from __future__ import annotations
@@ -141,6 +143,28 @@ class Ours:
             raise RuntimeError(f"POST /jobs answered {r.status}: {r.data[:300]!r}")
         return orjson.loads(r.data)["id"]
 
+    def send_open_loop(self, rate: float, seconds: float, priorities, seed: int) -> list[tuple]:
+        """``open_loop``'s arrivals, sent by ``bench/loadgen.py`` (gevent: about half the CPU per
+        POST of this process's threads, on the core the API and Redis have)."""
+        proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loadgen.py")], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            proc.stdin.write(json.dumps({"api": self.api, "model": self.model, "items": self.items, "rate": rate,
+                                         "seconds": seconds, "priorities": [list(p) for p in priorities],
+                                         "seed": seed, "concurrency": 32}) + "\n")
+            proc.stdin.flush()
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"bench/loadgen.py did not start:\n{proc.stderr.read()[-3000:]}")
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            out, err = proc.communicate(timeout=seconds + 300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench/loadgen.py failed:\n{err[-3000:]}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        return [tuple(a) for a in json.loads(out)["arrivals"]]
+
     def wait(self, job_id: str, timeout_s: float = 300) -> float | None:
         from datetime import datetime
 
@@ -239,16 +263,20 @@ def open_loop(driver, rate: float, seconds: float, priorities=(("normal", 1.0),)
         with lock:
             arrivals.append((at, priority, handle))
 
-    submitters = ThreadPoolExecutor(32)
-    start, i, next_at = time.time(), 0, 0.0
-    while next_at < seconds:
-        delay = start + next_at - time.time()
-        if delay > 0:
-            time.sleep(delay)
-        submitters.submit(send, i, start + next_at, rng.choices(names, weights)[0])
-        i += 1
-        next_at += rng.expovariate(rate)
-    submitters.shutdown(wait=True)
+    if hasattr(driver, "send_open_loop"):  # the same schedule, from a process of its own
+        arrivals = driver.send_open_loop(rate, seconds, priorities, seed)
+        i = len(arrivals)
+    else:
+        submitters = ThreadPoolExecutor(32)
+        start, i, next_at = time.time(), 0, 0.0
+        while next_at < seconds:
+            delay = start + next_at - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            submitters.submit(send, i, start + next_at, rng.choices(names, weights)[0])
+            i += 1
+            next_at += rng.expovariate(rate)
+        submitters.shutdown(wait=True)
     with ThreadPoolExecutor(32) as waiters:
         done = list(waiters.map(lambda a: driver.wait(a[2]) if a[2] is not None else None, arrivals))
     times: dict[str, list[float]] = {p: [] for p in names}

@@ -62,3 +62,50 @@ def test_high_shares_are_fractions_and_the_first_is_the_headline():
     for bad in ("", "0.2,x", "0", "1", "0.2,1.5"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench.shares_arg(bad)
+
+
+def test_the_load_generator_sends_open_loops_schedule_and_sends_again_on_a_dropped_keep_alive():
+    """bench/loadgen.py (our driver's open loop): the same arrivals as the threads' schedule, seed for
+    seed, every one answered even when the server drops idle keep-alive connections unannounced."""
+    import json
+    import random
+    import threading
+    import uuid
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    bodies, requests = [], []
+
+    class Jobs(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append(body)
+            if len(requests) % 4 == 0:  # as gunicorn drops a keep-alive connection a request came on
+                self.close_connection = True  # just as it timed out: no answer, not handled
+                return
+            bodies.append(body)
+            data = json.dumps({"id": str(uuid.uuid4())}).encode()
+            self.send_response(202)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Jobs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        driver = bench.Ours(f"http://127.0.0.1:{server.server_address[1]}", "m", ["a", "b", "c"])
+        arrivals = driver.send_open_loop(100, 0.5, (("high", 0.3), ("low", 0.7)), seed=7)
+    finally:
+        server.shutdown()
+    rng, expected, next_at = random.Random(7), [], 0.0
+    while next_at < 0.5:
+        expected.append(rng.choices(("high", "low"), (0.3, 0.7))[0])
+        next_at += rng.expovariate(100)
+    assert [priority for _, priority, _ in arrivals] == expected
+    assert all(job_id for _, _, job_id in arrivals) and len(bodies) == len(expected) < len(requests)
+    assert sorted(b["input"] for b in bodies) == sorted(["a", "b", "c"][i % 3] for i in range(len(expected)))
+    assert arrivals[-1][0] - arrivals[0][0] < 0.5 and all(b["model"] == "m" for b in bodies)
