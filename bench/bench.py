@@ -19,8 +19,8 @@ For each model, on this machine, in one run:
 
 The worker (and the limit and naive runs) get the first half of this process's cores, with that many
 torch threads; Redis, the API and the load generator get the rest (taskset): as a deployment would
-put them on separate machines. Our open-loop runs are sent by bench/loadgen.py (gevent, in a process
-of its own: it spends less of that core than threads do). Writes bench/results/latest.json and PNG
+put them on separate machines. Our open-loop runs are sent by bench/loadgen.py (asyncio on uvloop, in
+a process of its own: it spends less of that core than threads do). Writes bench/results/latest.json and PNG
 plots next to it.
 """
 
@@ -144,8 +144,8 @@ class Ours:
         return orjson.loads(r.data)["id"]
 
     def send_open_loop(self, rate: float, seconds: float, priorities, seed: int) -> list[tuple]:
-        """``open_loop``'s arrivals, sent by ``bench/loadgen.py`` (gevent: about a fifth less CPU per
-        job than this process's threads in the open loop, on the core the API and Redis have)."""
+        """``open_loop``'s arrivals, sent by ``bench/loadgen.py`` (asyncio on uvloop: about a third of
+        the CPU per job that this process's threads spend, on the core the API and Redis have)."""
         proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loadgen.py")], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         try:
