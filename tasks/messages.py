@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import uuid
 from bisect import bisect
+from functools import lru_cache
 from typing import Any
 
 from kombu.serialization import dumps
@@ -32,18 +33,35 @@ def direct_publish_possible(app) -> bool:
             and conf.task_serializer == "json" and not conf.task_compression)
 
 
+#: Stand-ins for the job's id and the delivery tag in a cached message (uppercase: ``str(uuid4())``
+#: never is), replaced in each job's copy.
+_TASK_ID = "00000000-0000-0000-0000-0000000000AA"
+_DELIVERY_TAG = "00000000-0000-0000-0000-0000000000BB"
+
+
 def task_message(app, name: str, task_id: str, queue: str, priority: int,
                  kwargs: dict[str, Any]) -> tuple[str, str]:
     """(the Redis list, the message) that ``app.send_task(name, task_id=task_id, queue=queue,
-    priority=priority, kwargs=kwargs, ignore_result=True)`` would push."""
+    priority=priority, kwargs=kwargs, ignore_result=True)`` would push.
+
+    Celery builds the headers (with ``saferepr`` of the arguments) and kombu encodes the body anew
+    for every message: 51-54 us per job here. Only the ids differ between jobs with the same
+    arguments, so the message is built once per arguments and copied with the ids put in: 4-5 us."""
+    queue_key, message = _message(app, name, queue, priority, tuple(kwargs.items()), app.thread_oid)
+    return queue_key, message.replace(_TASK_ID, task_id).replace(_DELIVERY_TAG, str(uuid.uuid4()))
+
+
+@lru_cache(maxsize=1024)  # (models x priorities x input counts)
+def _message(app, name: str, queue: str, priority: int, kwargs: tuple, reply_to: str) -> tuple[str, str]:
+    kwargs = dict(kwargs)
     headers, properties, body, _ = app.amqp.create_task_message(
-        task_id, name, (), kwargs, reply_to=app.thread_oid, ignore_result=True)
+        _TASK_ID, name, (), kwargs, reply_to=reply_to, ignore_result=True)
     content_type, content_encoding, data = dumps(body, serializer="json")
     if isinstance(data, str):
         data = data.encode(content_encoding)
     properties = {**properties, "delivery_mode": 2, "priority": priority,
                   "delivery_info": {"exchange": "", "routing_key": queue},  # (Celery's anonymous exchange)
-                  "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())}
+                  "body_encoding": "base64", "delivery_tag": _DELIVERY_TAG}
     message = {"body": base64.b64encode(data).decode("ascii"), "content-encoding": content_encoding,
                "content-type": content_type, "headers": headers, "properties": properties}
     # kombu's Redis channel: _get_message_priority, then _q_for_pri
