@@ -51,7 +51,7 @@ def task_message(app, name: str, task_id: str, queue: str, priority: int,
     return queue_key, message.replace(_TASK_ID, task_id).replace(_DELIVERY_TAG, str(uuid.uuid4()))
 
 
-@lru_cache(maxsize=1024)  # (models x priorities x input counts)
+@lru_cache(maxsize=1024)  # (API threads x models x priorities x input counts; past that, built anew)
 def _message(app, name: str, queue: str, priority: int, kwargs: tuple, reply_to: str) -> tuple[str, str]:
     kwargs = dict(kwargs)
     headers, properties, body, _ = app.amqp.create_task_message(
