@@ -93,7 +93,7 @@ class Client:
 
     def __init__(self, url: str, size: int) -> None:
         parts = urlsplit(url)
-        self.host, self.port = parts.hostname, parts.port or 80
+        self.host, self.port, self.netloc = parts.hostname, parts.port or 80, parts.netloc
         self.path = parts.path.rstrip("/")
         # Last in, first out: at low rates a few connections stay busy rather than all going idle
         # long enough for the server's keep-alive timeout to close them.
@@ -102,7 +102,7 @@ class Client:
             self.free.put_nowait(None)  # (not connected yet)
 
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        data = (f"POST {self.path}{path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        data = (f"POST {self.path}{path} HTTP/1.1\r\nHost: {self.netloc}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
         conn = await self.free.get()
         try:
