@@ -13,6 +13,8 @@ For each model, on this machine, in one run:
 4. overhead at idle: one job at a time over HTTP, end-to-end minus the model's own single-item time;
 5. priorities under overload: 2x our rate for a while, 20% high and 80% low; p95 of each, and of
    high at idle; then again with 10% and 5% high (``--high-shares``; the quick mode runs 20% only);
+   beside each, the best case for high at that share (bench/queueing.py: the lane simulated on the
+   limit run's batch times);
 6. adaptive vs fixed batching: on the same worker (``celery control set_batching``), items/s at
    saturation and the idle overhead for adaptive batching and for fixed settings: the entry's
    max_batch_size, and the limit run's best batch size, each with the entry's max_wait_ms and with 0.
@@ -49,6 +51,7 @@ import requests  # noqa: E402
 
 import settings  # noqa: E402
 from bench.models import inputs_for, load_runner  # noqa: E402
+from bench.queueing import lane_best_case  # noqa: E402
 from tests.procs import Proc, free_port, start_api, start_redis, start_worker, wait_until, worker_ready  # noqa: E402
 
 CORES = sorted(os.sched_getaffinity(0))
@@ -455,6 +458,9 @@ def bench_model(model: str, args, work: Path) -> dict:
                 "low_p95_ms": low["p95_ms"], "failed": run["failed"],
                 "high_p95_vs_idle": round(high["p95_ms"] / high_idle_p95, 2) if high["p95_ms"] and high_idle_p95 else None,
                 **{k: v for k, v in high.items() if k.endswith("_p50_p95")}}
+            # What the lane could do at best at this share (bench/queueing.py): model time and queueing only.
+            best = lane_best_case(lim["items_per_s_by_batch"], 2 * rate * share, spec.max_batch_size)
+            shares[str(share)].update(high_p95_ms_best_case=best["p95_ms"], lane_busy_best_case=best["busy"])
             say(f"{model}: {share:.0%} high: {shares[str(share)]}")
         comparison = None
         if not args.no_compare:

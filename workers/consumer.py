@@ -28,6 +28,8 @@ This subclass:
   use), ``high`` jobs never wait for a batch of other jobs: they go, by themselves, to a free
   process as they arrive, and the pool runs other batches at the lowest CPU priority
   (``workers.lane``), so the operating system runs the ``high`` batch first on the same cores.
+  One ``high`` batch runs at a time (per process batches of others may use): those that arrive
+  meanwhile go together, next, rather than share the cores with it.
 """
 
 from __future__ import annotations
@@ -147,6 +149,13 @@ class ModelBatches(Batches):
         bulk = len(self._running) - len(self._urgent)
         return self._busy() or bulk >= self._processes() - (1 if self.lane else 0)
 
+    def _urgent_slots(self) -> int:
+        """How many batches of high-priority jobs may run at once: as many as batches of others may
+        (the pool's processes less the lane). All of them share the model's cores at normal CPU
+        priority, so two ``high`` batches side by side on a one-process worker would each take
+        twice as long; the jobs that arrive while one runs go together, as one batch, next."""
+        return max(1, self._processes() - 1)
+
     def _forget_dropped(self, now: float | None = None) -> None:
         """When the broker connection is lost, Celery flushes the pool: batches no process had
         accepted yet are dropped without a callback. Left counted, they would keep this worker
@@ -216,8 +225,9 @@ class ModelBatches(Batches):
         if self._pool is None or self._busy():
             return  # called again when the running batch returns
         if (self.lane and self._bulk_full() and self._pending.empty()
-                and not any(map(is_urgent, list(self._buffer.queue)))):
-            return  # only the lane is free, and no high job waits (the timer would requeue them all)
+                and (len(self._urgent) >= self._urgent_slots()
+                     or not any(map(is_urgent, list(self._buffer.queue))))):
+            return  # only the lane is free, and no high job may take it (the timer would requeue them all)
         waiting = list(consume_queue(self._buffer)) + list(consume_queue(self._pending))
         ready = []
         for request in waiting:
@@ -249,7 +259,7 @@ class ModelBatches(Batches):
         priority, so it need not be short). Returns the requests left over."""
         urgent = [r for r in ready if is_urgent(r)]
         others = [r for r in ready if not is_urgent(r)]
-        while urgent and not self._busy():
+        while urgent and not self._busy() and len(self._urgent) < self._urgent_slots():
             limit = self.policy.target(sum(map(_inputs, urgent))) if self.adaptive else self.flush_every
             batch, urgent = plan(urgent, limit, _priority, _inputs)
             self.flush(batch)

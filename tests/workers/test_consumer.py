@@ -223,6 +223,27 @@ def test_with_a_lane_high_jobs_go_alone_to_the_spare_process_while_a_batch_of_ot
     assert task.policy.samples[1] == learnt + 1 and task.policy.cost[1] < 0.011
 
 
+def test_with_a_lane_one_high_batch_runs_at_a_time_and_those_that_wait_go_together(monkeypatch):
+    task = _task(monkeypatch)
+    task._pool.num_processes, task.lane = 2, True
+    task._timer = FakeTimer()
+    for size in task.policy.sizes:
+        for _ in range(task.policy.MIN_SAMPLES):
+            task.policy.record(size, 0.010)
+    _arrive(task, "low1", 9)
+    _arrive(task, "high1", 0)
+    assert task._pool.batches == [["low1"], ["high1"]]
+    _finish(task, 0, ["low1"], 1)  # a process is free, but high1 still runs in the other
+    _arrive(task, "high2", 0)
+    _arrive(task, "high3", 0)
+    # not beside high1 (both at normal CPU priority, each would take twice as long)
+    assert len(task._pool.batches) == 2
+    _arrive(task, "low2", 9)
+    assert task._pool.batches[2] == ["low2"]  # the free process runs others, at the lowest CPU priority
+    _finish(task, 1, ["high1"], 1)
+    assert task._pool.batches[3] == ["high2", "high3"]  # the high jobs that waited, as one batch
+
+
 def test_without_a_lane_a_high_job_waits_for_the_running_batch(monkeypatch):
     task = _task(monkeypatch)
     task._pool.num_processes = 2
