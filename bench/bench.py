@@ -13,8 +13,8 @@ For each model, on this machine, in one run:
 4. overhead at idle: one job at a time over HTTP, end-to-end minus the model's own single-item time;
 5. priorities under overload: 2x our rate for a while, 20% high and 80% low; p95 of each, and of
    high at idle; then again with 10% and 5% high (``--high-shares``; the quick mode runs 20% only);
-   beside each, the best case for high at that share (bench/queueing.py: the lane simulated on the
-   limit run's batch times);
+   beside each, the lane simulated at that share on the limit run's batch times (bench/queueing.py:
+   the queueing alone);
 6. adaptive vs fixed batching: on the same worker (``celery control set_batching``), items/s at
    saturation and the idle overhead for adaptive batching and for fixed settings: the entry's
    max_batch_size, and the limit run's best batch size, each with the entry's max_wait_ms and with 0.
@@ -51,7 +51,7 @@ import requests  # noqa: E402
 
 import settings  # noqa: E402
 from bench.models import inputs_for, load_runner  # noqa: E402
-from bench.queueing import lane_best_case  # noqa: E402
+from bench.queueing import simulate_lane  # noqa: E402
 from tests.procs import Proc, free_port, start_api, start_redis, start_worker, wait_until, worker_ready  # noqa: E402
 
 CORES = sorted(os.sched_getaffinity(0))
@@ -83,33 +83,43 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 # -- 1. the limit -------------------------------------------------------------------------------
-def limit(model: str, threads: int, seconds: float) -> dict:
+def limit(model: str, threads: int, seconds: float, rounds: int = 1) -> dict:
     """In a child process on the model cores: items/s at each batch size, and single-item times."""
     out = subprocess.run([sys.executable, __file__, "--limit-of", model, "--threads", str(threads),
-                          "--seconds", str(seconds)], capture_output=True, text=True, cwd=ROOT,
-                         preexec_fn=lambda: os.sched_setaffinity(0, MODEL_CORES))
+                          "--seconds", str(seconds), "--rounds", str(rounds)], capture_output=True, text=True,
+                         cwd=ROOT, preexec_fn=lambda: os.sched_setaffinity(0, MODEL_CORES))
     if out.returncode != 0:
         raise RuntimeError(f"limit run for {model} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def limit_child(model: str, threads: int, seconds: float) -> dict:
+def limit_child(model: str, threads: int, seconds: float, rounds: int = 1) -> dict:
+    """Each batch size for ``seconds``, in ``rounds`` rounds (the order reversed every other round);
+    a size's items/s is the median of its rounds. The best of single windows would favour whichever
+    size the machine's drift caught on a fast second: the sizes near the best differ by less than
+    this machine's noise."""
     spec, runner, _load_s = load_runner(str(ROOT / "models.toml"), model, threads)
     items = inputs_for(spec, spec.max_batch_size)
     runner(items[:2])
     sizes = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s <= spec.max_batch_size]
-    rates, single_ms = {}, []
-    for size in sizes:
-        times, start = [], time.perf_counter()
-        while time.perf_counter() - start < seconds or len(times) < 3:
-            t = time.perf_counter()
-            runner(items[:size])
-            times.append(time.perf_counter() - t)
-        rates[size] = round(size * len(times) / sum(times), 2)  # all the calls, as a worker's throughput counts them
-        if size == 1:
-            single_ms = [t * 1000 for t in times]
+    windows: dict[int, list[float]] = {size: [] for size in sizes}
+    single_ms: list[float] = []
+    for r in range(rounds):
+        for size in (sizes if r % 2 == 0 else sizes[::-1]):
+            times, start = [], time.perf_counter()
+            while time.perf_counter() - start < seconds or len(times) < 3:
+                t = time.perf_counter()
+                runner(items[:size])
+                times.append(time.perf_counter() - t)
+            # all the calls, as a worker's throughput counts them
+            windows[size].append(round(size * len(times) / sum(times), 2))
+            if size == 1:
+                single_ms += [t * 1000 for t in times]
+    rates = {size: round(statistics.median(w), 2) for size, w in windows.items()}
     best = max(rates, key=rates.get)
     return {"items_per_s_by_batch": rates, "best_batch": best, "limit_items_per_s": rates[best],
+            "rounds": rounds, "seconds_per_window": seconds, "items_per_s_by_batch_rounds": windows,
+            "best_single_window_items_per_s": max(max(w) for w in windows.values()),
             "single_ms_p50": pct(single_ms, 50), "single_ms_p99": pct(single_ms, 99),
             "threads": threads, "cores": sorted(os.sched_getaffinity(0))}
 
@@ -387,7 +397,7 @@ def bench_model(model: str, args, work: Path) -> dict:
     items = inputs_for(spec, 32)
     quick = args.quick
     say(f"{model}: the limit (model alone, {threads} thread(s), cores {MODEL_CORES})")
-    lim = limit(model, threads, 1.0 if quick else 3.0)
+    lim = limit(model, threads, 1.0 if quick else 3.0, rounds=1 if quick else 3)
     say(f"{model}: limit {lim['limit_items_per_s']} items/s at batch {lim['best_batch']} "
         f"(by batch: {lim['items_per_s_by_batch']})")
 
@@ -458,9 +468,10 @@ def bench_model(model: str, args, work: Path) -> dict:
                 "low_p95_ms": low["p95_ms"], "failed": run["failed"],
                 "high_p95_vs_idle": round(high["p95_ms"] / high_idle_p95, 2) if high["p95_ms"] and high_idle_p95 else None,
                 **{k: v for k, v in high.items() if k.endswith("_p50_p95")}}
-            # What the lane could do at best at this share (bench/queueing.py): model time and queueing only.
-            best = lane_best_case(lim["items_per_s_by_batch"], 2 * rate * share, spec.max_batch_size)
-            shares[str(share)].update(high_p95_ms_best_case=best["p95_ms"], lane_busy_best_case=best["busy"])
+            # The lane simulated at this share on the limit run's batch times (bench/queueing.py): model time
+            # and queueing only, nothing else on the core.
+            best = simulate_lane(lim["items_per_s_by_batch"], 2 * rate * share, spec.max_batch_size)
+            shares[str(share)].update(high_p95_ms_simulated=best["p95_ms"], lane_busy_simulated=best["busy"])
             say(f"{model}: {share:.0%} high: {shares[str(share)]}")
         comparison = None
         if not args.no_compare:
@@ -615,11 +626,12 @@ def main() -> None:
     parser.add_argument("--limit-of", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=3.0, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.high_shares is None:
         args.high_shares = [0.2] if args.quick else [0.2, 0.1, 0.05]
     if args.limit_of:
-        print(json.dumps(limit_child(args.limit_of, args.threads, args.seconds)))
+        print(json.dumps(limit_child(args.limit_of, args.threads, args.seconds, args.rounds)))
         return
     from models.registry import Registry
 

@@ -1,12 +1,13 @@
-"""How fast ``high`` jobs could be at best: a simulated queue on the limit run's batch times.
+"""The urgent lane simulated: a batching queue on the limit run's batch times.
 
 At twice our rate, the share of ``high`` jobs decides whether their p95 can stay within 2× the idle
 p95 at all: the worker's lane runs one ``high`` batch at a time, and ``high`` jobs that arrive meanwhile
-wait for it. :func:`lane_best_case` simulates that lane in its best case: Poisson arrivals, every
-``high`` job waiting taken as one batch as soon as the last one ends, the batch taking the limit run's
-time for its size, nothing else on the core and no time outside the model. A measured p95 also holds
-the submit, the fetch, the claim and the store, and a model slowed by what runs beside it; if the best
-case alone is over the target, no tuning of the worker reaches it on that machine.
+wait for it. :func:`simulate_lane` simulates that lane: Poisson arrivals, every ``high`` job waiting
+taken as one batch as soon as the last one ends, the batch taking the limit run's time for its size,
+nothing else on the core and no time outside the model. A measured p95 also holds the submit, the
+fetch, the claim and the store, and a model slowed by what runs beside it; but the limit run is
+measured minutes earlier, and this machine's speed drifts by 10% or more in that time, so the
+simulation is a reference for the queueing alone, not a bound on what was measured.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def batch_seconds(items_per_s_by_batch: dict) -> Callable[[int], float]:
     return seconds
 
 
-def lane_best_case(items_per_s_by_batch: dict, jobs_per_s: float, max_batch: int,
+def simulate_lane(items_per_s_by_batch: dict, jobs_per_s: float, max_batch: int,
                    jobs: int = 100_000, seed: int = 1) -> dict:
     """A ``high`` job's time from reaching the worker to its batch's end, in ms (p50, p95, mean), and
     how busy the lane was, for Poisson arrivals at ``jobs_per_s`` (one input each)."""

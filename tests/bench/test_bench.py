@@ -111,20 +111,20 @@ def test_the_load_generator_sends_open_loops_schedule_and_sends_again_on_a_dropp
     assert arrivals[-1][0] - arrivals[0][0] < 0.5 and all(b["model"] == "m" for b in bodies)
 
 
-def test_the_lanes_best_case_is_a_batching_queue_on_the_limit_runs_batch_times():
-    from bench.queueing import batch_seconds, lane_best_case
+def test_the_lane_is_simulated_as_a_batching_queue_on_the_limit_runs_batch_times():
+    from bench.queueing import batch_seconds, simulate_lane
 
     rates = {"1": 100.0, "2": 160.0, "4": 200.0}  # as limit() returns them: 10, 12.5 and 20 ms a batch
     seconds = batch_seconds(rates)
     assert seconds(1) == pytest.approx(0.010) and seconds(3) == pytest.approx(0.01625)
     assert seconds(8) == pytest.approx(0.040)  # beyond the sizes measured: per item at the largest
     # One at a time it is an M/D/1 queue: mean time in it D + rho * D / (2 * (1 - rho)).
-    only_one = lane_best_case(rates, 50.0, max_batch=1)
+    only_one = simulate_lane(rates, 50.0, max_batch=1)
     assert only_one["mean_ms"] == pytest.approx(10 + 0.5 * 10 / (2 * 0.5), rel=0.03)
     assert only_one["busy"] == pytest.approx(0.5, rel=0.03)
     # Taking every job waiting as one batch serves a load one at a time cannot (120/s > 100/s).
-    batched = lane_best_case(rates, 120.0, max_batch=4)
+    batched = simulate_lane(rates, 120.0, max_batch=4)
     assert batched["busy"] < 1 and batched["p95_ms"] < 100
-    assert lane_best_case(rates, 1.0, max_batch=4)["p95_ms"] == pytest.approx(10.0)  # nearly always alone
+    assert simulate_lane(rates, 1.0, max_batch=4)["p95_ms"] == pytest.approx(10.0)  # nearly always alone
     with pytest.raises(ValueError):
-        lane_best_case(rates, 0, max_batch=4)
+        simulate_lane(rates, 0, max_batch=4)
