@@ -3,8 +3,8 @@
     .venv/bin/python bench/bench.py [--quick] [--models minilm,efficientnet-lite0] [--out bench/results]
 
 For each model, on this machine, in one run:
-1. the limit: the model alone in one process, no queue, at each batch size up to max_batch_size;
-   the best items/s;
+1. the limit: the model alone in one process, no queue, at each batch size up to max_batch_size
+   (each size's median of three rounds; one in the quick mode); the best items/s;
 2. ours: Redis, the API (gunicorn) and one batching worker, driven over HTTP (submit, long-poll):
    after a warm-up burst (adaptive batching learns on it), items/s at saturation, then latency p50/p95/p99 under open-loop (Poisson) load at 25/50/90% of it;
 3. naive Celery: one task per job (bench/naive.py, Celery's defaults), same model, same Redis, one
@@ -470,8 +470,8 @@ def bench_model(model: str, args, work: Path) -> dict:
                 **{k: v for k, v in high.items() if k.endswith("_p50_p95")}}
             # The lane simulated at this share on the limit run's batch times (bench/queueing.py): model time
             # and queueing only, nothing else on the core.
-            best = simulate_lane(lim["items_per_s_by_batch"], 2 * rate * share, spec.max_batch_size)
-            shares[str(share)].update(high_p95_ms_simulated=best["p95_ms"], lane_busy_simulated=best["busy"])
+            sim = simulate_lane(lim["items_per_s_by_batch"], 2 * rate * share, spec.max_batch_size)
+            shares[str(share)].update(high_p95_ms_simulated=sim["p95_ms"], lane_busy_simulated=sim["busy"])
             say(f"{model}: {share:.0%} high: {shares[str(share)]}")
         comparison = None
         if not args.no_compare:

@@ -254,16 +254,17 @@ class ModelBatches(Batches):
             self._tref = None
 
     def _flush_lanes(self, ready: list) -> list:
-        """With a lane: high-priority jobs, by themselves, to each free process; then, if a process
-        may take one, a batch of the others at its full size (the pool runs it at the lowest CPU
-        priority, so it need not be short). Returns the requests left over."""
+        """With a lane: high-priority jobs, by themselves, to a free process (one such batch at a
+        time, see ``_urgent_slots``); then, if no high job is left waiting and a process may take
+        one, a batch of the others at its full size (the pool runs it at the lowest CPU priority, so
+        it need not be short). Returns the requests left over."""
         urgent = [r for r in ready if is_urgent(r)]
         others = [r for r in ready if not is_urgent(r)]
         while urgent and not self._busy() and len(self._urgent) < self._urgent_slots():
             limit = self.policy.target(sum(map(_inputs, urgent))) if self.adaptive else self.flush_every
             batch, urgent = plan(urgent, limit, _priority, _inputs)
             self.flush(batch)
-        if others and not self._bulk_full():
+        if others and not urgent and not self._bulk_full():  # (high jobs still waiting start first)
             limit = self.policy.target(sum(map(_inputs, others))) if self.adaptive else self.flush_every
             batch, others = plan(others, limit, _priority, _inputs)
             self.flush(batch)

@@ -239,9 +239,10 @@ def test_with_a_lane_one_high_batch_runs_at_a_time_and_those_that_wait_go_togeth
     # not beside high1 (both at normal CPU priority, each would take twice as long)
     assert len(task._pool.batches) == 2
     _arrive(task, "low2", 9)
-    assert task._pool.batches[2] == ["low2"]  # the free process runs others, at the lowest CPU priority
+    assert len(task._pool.batches) == 2  # nor does a low job start before the high ones waiting
     _finish(task, 1, ["high1"], 1)
-    assert task._pool.batches[3] == ["high2", "high3"]  # the high jobs that waited, as one batch
+    # the high jobs that waited, as one batch; then the others, at the lowest CPU priority
+    assert task._pool.batches[2:] == [["high2", "high3"], ["low2"]]
 
 
 def test_without_a_lane_a_high_job_waits_for_the_running_batch(monkeypatch):
