@@ -224,10 +224,13 @@ class ModelBatches(Batches):
     def _do_flush(self) -> None:
         if self._pool is None or self._busy():
             return  # called again when the running batch returns
-        if (self.lane and self._bulk_full() and self._pending.empty()
-                and (len(self._urgent) >= self._urgent_slots()
-                     or not any(map(is_urgent, list(self._buffer.queue))))):
-            return  # only the lane is free, and no high job may take it (the timer would requeue them all)
+        if self.lane and self._pending.empty():
+            # Nothing can start: a high job waits for the lane's running one (others wait behind it),
+            # or no high job waits and only the lane is free. (Else every arrival and timer tick
+            # would take the whole buffer out and put it back.)
+            high_waits = any(map(is_urgent, list(self._buffer.queue)))
+            if (high_waits and len(self._urgent) >= self._urgent_slots()) or (not high_waits and self._bulk_full()):
+                return
         waiting = list(consume_queue(self._buffer)) + list(consume_queue(self._pending))
         ready = []
         for request in waiting:
