@@ -4,7 +4,8 @@
 
 For each model, on this machine, in one run:
 1. the limit: the model alone in one process, no queue, at each batch size up to max_batch_size
-   (each size's median of three rounds; one in the quick mode); the best items/s;
+   (each size's median of three rounds; one in the quick mode); the best items/s. On the device a
+   worker picks: CUDA when torch sees a GPU (the entry's ``device`` or ``DEVICE`` can say otherwise);
 2. ours: Redis, the API (gunicorn) and one batching worker, driven over HTTP (submit, long-poll):
    after a warm-up burst (adaptive batching learns on it), items/s at saturation, then latency p50/p95/p99 under open-loop (Poisson) load at 25/50/90% of it;
 3. naive Celery: one task per job (bench/naive.py, Celery's defaults), same model, same Redis, one
@@ -22,7 +23,9 @@ For each model, on this machine, in one run:
 The worker (and the limit and naive runs) get the first half of this process's cores, with that many
 torch threads; Redis, the API and the load generator get the rest (taskset): as a deployment would
 put them on separate machines. Our open-loop runs are sent by bench/loadgen.py (asyncio on uvloop, in
-a process of its own: it spends less of that core than threads do). Writes bench/results/latest.json and PNG
+a process of its own: it spends less of that core than threads do); with six or more service
+cores, by one such process per three of them, which then also submit the saturation runs, so that
+one Python client is not what bounds a GPU worker's figure. Writes bench/results/latest.json and PNG
 plots next to it.
 """
 
@@ -58,6 +61,8 @@ CORES = sorted(os.sched_getaffinity(0))
 MODEL_CORES = CORES[: max(1, len(CORES) // 2)]
 SERVICE_CORES = CORES[len(MODEL_CORES):] or CORES
 LOADS = (0.25, 0.5, 0.9)
+#: open-loop submitters (bench/loadgen.py processes): one per three service cores, at least one
+LOADGEN_PROCESSES = max(1, len(SERVICE_CORES) // 3)
 
 
 def say(msg: str) -> None:
@@ -121,7 +126,20 @@ def limit_child(model: str, threads: int, seconds: float, rounds: int = 1) -> di
             "rounds": rounds, "seconds_per_window": seconds, "items_per_s_by_batch_rounds": windows,
             "best_single_window_items_per_s": max(max(w) for w in windows.values()),
             "single_ms_p50": pct(single_ms, 50), "single_ms_p99": pct(single_ms, 99),
-            "threads": threads, "cores": sorted(os.sched_getaffinity(0))}
+            "threads": threads, "cores": sorted(os.sched_getaffinity(0)), "device": runner.device,
+            "device_name": device_name(runner.device)}
+
+
+def device_name(device: str) -> str:
+    """The processor a runner's device is: the GPU's name, or the CPU's model name."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
 
 
 # -- drivers: ours over HTTP, naive over Celery -------------------------------------------------
@@ -158,25 +176,37 @@ class Ours:
 
     def send_open_loop(self, rate: float, seconds: float, priorities, seed: int) -> list[tuple]:
         """``open_loop``'s arrivals, sent by ``bench/loadgen.py`` (asyncio on uvloop: about a third of
-        the CPU per job that this process's threads spend, on the core the API and Redis have)."""
-        proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loadgen.py")], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        the CPU per job that this process's threads spend, on the core the API and Redis have).
+        ``LOADGEN_PROCESSES`` of them share the rate where there are cores for them."""
+        procs = []
         try:
-            proc.stdin.write(json.dumps({"api": self.api, "model": self.model, "items": self.items, "rate": rate,
-                                         "seconds": seconds, "priorities": [list(p) for p in priorities],
-                                         "seed": seed, "concurrency": 32}) + "\n")
-            proc.stdin.flush()
-            if proc.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"bench/loadgen.py did not start:\n{proc.stderr.read()[-3000:]}")
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-            out, err = proc.communicate(timeout=seconds + 300)
-            if proc.returncode != 0:
-                raise RuntimeError(f"bench/loadgen.py failed:\n{err[-3000:]}")
+            for k in range(LOADGEN_PROCESSES):
+                proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "loadgen.py")], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                procs.append(proc)
+                # Poisson streams at rate/k add up to one at the rate; the first keeps the seed's schedule
+                proc.stdin.write(json.dumps({"api": self.api, "model": self.model, "items": self.items,
+                                             "rate": rate / LOADGEN_PROCESSES, "seconds": seconds,
+                                             "priorities": [list(p) for p in priorities],
+                                             "seed": seed if k == 0 else seed * 1000 + k, "concurrency": 32}) + "\n")
+                proc.stdin.flush()
+            for proc in procs:
+                if proc.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"bench/loadgen.py did not start:\n{proc.stderr.read()[-3000:]}")
+            for proc in procs:
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            arrivals = []
+            for proc in procs:
+                out, err = proc.communicate(timeout=seconds + 300)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"bench/loadgen.py failed:\n{err[-3000:]}")
+                arrivals += [tuple(a) for a in json.loads(out)["arrivals"]]
         finally:
-            if proc.poll() is None:
-                proc.kill()
-        return [tuple(a) for a in json.loads(out)["arrivals"]]
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+        return sorted(arrivals, key=lambda a: a[0])
 
     def wait(self, job_id: str, timeout_s: float = 300) -> float | None:
         from datetime import datetime
@@ -246,13 +276,20 @@ def cpu_times() -> dict:
 
 
 def saturate(driver, n: int, threads: int = 16) -> dict:
-    """Submit ``n`` jobs as fast as ``threads`` can, then wait for all: items/s from the first submit
-    to the last result stored, and how busy each core was meanwhile."""
+    """Submit ``n`` jobs as fast as ``threads`` can (or, with several loadgen processes, as fast as
+    they can), then wait for all: items/s from the first submit to the last result stored, and how
+    busy each core was meanwhile."""
     start, cpu0 = time.time(), cpu_times()
     with ThreadPoolExecutor(threads) as pool:
-        handles = list(pool.map(driver.submit, range(n)))
+        if LOADGEN_PROCESSES > 1 and hasattr(driver, "send_open_loop"):
+            # a million jobs/s for n/1e6 s: each process sends its share at once, over its connections
+            arrivals = driver.send_open_loop(1e6, n / 1e6, (("normal", 1.0),), seed=n)
+            start, n = min(a[0] for a in arrivals), len(arrivals)
+            handles = [a[2] for a in arrivals]
+        else:
+            handles = list(pool.map(driver.submit, range(n)))
         submitted = time.time() - start
-        done = list(pool.map(driver.wait, handles))
+        done = list(pool.map(lambda h: driver.wait(h) if h is not None else None, handles))
     last = max((t for t in done if t), default=time.time())
     seconds = last - start
     return {"jobs": n, "seconds": round(seconds, 2), "items_per_s": round(n / seconds, 2),
@@ -653,7 +690,9 @@ def main() -> None:
                "commit": commit(), "versions": versions(), "models": {},
                "settings": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
                             "batching": args.batching,
-                            "torch_threads": len(MODEL_CORES), "worker_concurrency": args.concurrency, "api_workers": 2,
+                            "torch_threads": len(MODEL_CORES), "worker_concurrency": args.concurrency,
+                            "api_workers": settings.API_WORKERS, "api_threads": settings.API_THREADS,
+                            "loadgen_processes": LOADGEN_PROCESSES,
                             "urgent_lane": bool(settings.URGENT_LANE),
                             "task_sent_events": os.environ.get("TASK_SENT_EVENTS", "0") == "1"}}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:

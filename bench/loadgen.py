@@ -165,7 +165,10 @@ def main() -> None:
     print("ready", flush=True)
     sys.stdin.readline()
     arrivals = uvloop.run(open_loop(spec))
-    sys.stdout.write(json.dumps({"arrivals": arrivals}) + "\n")
+    # Not through sys.stdout: after uvloop.run, a write to it longer than the pipe holds (64 KiB)
+    # loses the rest when the reader is not draining at that moment, with no error (uvloop 0.23).
+    with open(sys.stdout.fileno(), "w", closefd=False) as out:
+        out.write(json.dumps({"arrivals": arrivals}) + "\n")
 
 
 if __name__ == "__main__":

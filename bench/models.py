@@ -80,7 +80,8 @@ def inputs_for(spec, n: int) -> list:
 
 
 def load_runner(models_file: str, name: str, threads: int):
-    """(spec, runner, load seconds): the model loaded on CPU as a worker's pool process loads it."""
+    """(spec, runner, load seconds): the model loaded as a worker's pool process loads it, on the
+    device a worker picks (the entry's ``device``, else ``DEVICE``: CUDA when torch sees one)."""
     from models import build_runner, runner_class
     from models.base import set_threads
     from models.registry import Registry
@@ -88,7 +89,7 @@ def load_runner(models_file: str, name: str, threads: int):
     spec = Registry.from_file(models_file).get(name)
     runner_class(spec).preload()
     set_threads(threads)
-    runner = build_runner(spec, device="cpu")
+    runner = build_runner(spec)
     return spec, runner, runner.timed_load()
 
 

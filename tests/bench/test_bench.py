@@ -128,3 +128,69 @@ def test_the_lane_is_simulated_as_a_batching_queue_on_the_limit_runs_batch_times
     assert simulate_lane(rates, 1.0, max_batch=4)["p95_ms"] == pytest.approx(10.0)  # nearly always alone
     with pytest.raises(ValueError):
         simulate_lane(rates, 0, max_batch=4)
+
+
+def test_saturation_from_several_load_generators_counts_every_job(monkeypatch):
+    """Where the service cores allow, ``saturate`` submits from several bench/loadgen.py processes.
+    Each one's list of arrivals here is longer than a pipe holds (64 KiB), which uvloop 0.23 cut
+    short without an error when written through ``sys.stdout``."""
+    import json
+    import threading
+    import uuid
+    from datetime import datetime, timezone
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    posted = []
+
+    class Jobs(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _send(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self):
+            json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            job_id = str(uuid.uuid4())
+            posted.append(job_id)
+            self._send(202, {"id": job_id})
+
+        def do_GET(self):  # every job has finished by the time it is asked for
+            now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+            self._send(200, {"status": "succeeded", "created_at": now, "finished_at": now})
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setattr(bench, "LOADGEN_PROCESSES", 2)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Jobs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = bench.saturate(bench.Ours(f"http://127.0.0.1:{server.server_address[1]}", "m", ["a"]), 3000)
+    finally:
+        server.shutdown()
+    # a Poisson count near 3000 (sd 55), each one sent, answered, and waited for
+    assert 2700 <= out["jobs"] <= 3300 and out["jobs"] == len(posted) and out["failed"] == 0
+    assert out["items_per_s"] == pytest.approx(out["jobs"] / out["seconds"], rel=0.05)
+
+
+def test_the_limit_and_naive_load_the_model_on_the_device_a_worker_picks(tmp_path):
+    """Not always the CPU: on a GPU machine the worker runs on CUDA, so the limit beside it must too."""
+    import torch
+
+    from bench.models import load_runner
+
+    models = tmp_path / "models.toml"
+    models.write_text('[models.auto]\ntask = "text-classification"\nsource = "python:tests.fixtures.runners:EchoRunner"\n'
+                      '[models.gpu]\ntask = "text-classification"\nsource = "python:tests.fixtures.runners:EchoRunner"\n'
+                      'device = "cuda"\n')
+    _spec, runner, _load_s = load_runner(str(models), "auto", 1)
+    assert runner.device == ("cuda" if torch.cuda.is_available() else "cpu") and runner(["x"])[0]["echo"] == "x"
+    if torch.cuda.is_available():
+        assert load_runner(str(models), "gpu", 1)[1].device == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            load_runner(str(models), "gpu", 1)
