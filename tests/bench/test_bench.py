@@ -194,3 +194,26 @@ def test_the_limit_and_naive_load_the_model_on_the_device_a_worker_picks(tmp_pat
     else:
         with pytest.raises(RuntimeError, match="no CUDA device"):
             load_runner(str(models), "gpu", 1)
+
+
+def test_the_cuda_check_compares_every_number_and_label_and_says_when_there_is_no_gpu():
+    import subprocess
+    import sys
+
+    import torch
+
+    from bench import cuda_check
+
+    cpu = [{"top_k": [{"label": "tabby", "index": 281, "score": 0.5}, {"label": "lynx", "index": 287, "score": 0.25}]}]
+    assert cuda_check.compare(cpu, [{"top_k": [{"label": "tabby", "index": 281, "score": 0.5004},
+                                               {"label": "lynx", "index": 287, "score": 0.25}]}]) == (
+        pytest.approx(0.0004), True)
+    swapped = [{"top_k": [{"label": "lynx", "index": 287, "score": 0.5}, {"label": "tabby", "index": 281, "score": 0.25}]}]
+    assert cuda_check.compare(cpu, swapped)[1] is False
+    assert cuda_check.compare([1.0, 2.0], [1.0]) == (float("inf"), False)
+    assert cuda_check.cosine([1.0, 0.0], [1.0, 0.0]) == pytest.approx(1.0)
+    assert cuda_check.cosine([1.0, 0.0], [0.0, 2.0]) == pytest.approx(0.0)
+    if not torch.cuda.is_available():
+        out = subprocess.run([sys.executable, "bench/cuda_check.py"], capture_output=True, text=True,
+                             cwd=bench.ROOT, timeout=120)
+        assert out.returncode == 2 and "no CUDA device" in out.stderr
