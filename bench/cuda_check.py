@@ -50,8 +50,8 @@ def cosine(u: list[float], v: list[float]) -> float:
     return sum(x * y for x, y in zip(u, v)) / math.sqrt(sum(x * x for x in u) * sum(y * y for y in v))
 
 
-def inputs(task: str) -> list:
-    if task not in ("image-classification", "zero-shot-image"):
+def inputs(input_kind: str) -> list:
+    if input_kind == "text":
         return TEXTS
     from PIL import Image
     from skimage import data
@@ -72,7 +72,7 @@ def check(spec, threads: int) -> dict:
 
     runner_class(spec).preload()
     set_threads(threads)
-    items = inputs(spec.task)
+    items = inputs(spec.input_kind)
 
     def run(device: str, half: bool):
         runner = build_runner(dataclasses.replace(spec, half=half), device=device)
