@@ -18,6 +18,9 @@ This subclass:
 * acks exactly the requests the batch function says it finished (stored a
   result for, or found already terminal), and puts the rest back on the queue;
 * requeues a whole batch whose pool process died;
+* while no batch can start (the pool is full), the flush timer ticks every ``BUSY_TICK_S`` rather
+  than every ``flush_interval``: a returning batch flushes by itself, and each tick woke this
+  process on the model's core, ahead of the batch;
 * with ``workers.transport`` (enabled for a model's worker): a backlog is fetched up to the prefetch
   window per round trip and planned once the whole fetch is buffered, and a batch's acks go in one
   round trip;
@@ -106,6 +109,11 @@ class ModelBatches(Batches):
     URGENT_FETCH_S = 0.005
     #: An urgent lane: the pool has one process more than batches of other jobs may take at once.
     lane = False
+    #: While no batch can start (the pool is full), the flush timer ticks this often instead of every
+    #: ``flush_interval``: a returning batch flushes by itself, and each tick woke this process,
+    #: on the model's core and ahead of it (the batch runs at a lower CPU priority), for nothing.
+    #: The ticks that remain look for batches the pool dropped (``_forget_dropped``).
+    BUSY_TICK_S = 1.0
 
     def __init__(self) -> None:
         super().__init__()
@@ -116,6 +124,7 @@ class ModelBatches(Batches):
         self.stats = BatchStats()
         self.policy = AdaptiveBatcher(self.flush_every)
         self._burst: list = []  # priorities of the bulk fetch being delivered
+        self._slow_tick = False  # the flush timer ticks every BUSY_TICK_S (the pool is full)
 
     def configure(self, max_batch_size: int, max_wait_ms: float, adaptive: bool | None = None) -> None:
         """Set the batch limits (and the mode); on a running worker (``celery control
@@ -133,8 +142,7 @@ class ModelBatches(Batches):
             self.adaptive = bool(adaptive)
         self.flush_interval = max(max_wait_ms / 1000.0, 0.001)
         if getattr(self, "_tref", None) is not None:
-            self._tref.cancel()
-            self._tref = self._timer.call_repeatedly(self.flush_interval, self._do_flush)
+            self._tick(fast=True)
 
     def _processes(self) -> int:
         return max(1, getattr(getattr(self, "_pool", None), "num_processes", 1) or 1)
@@ -221,15 +229,30 @@ class ModelBatches(Batches):
             return True
         return False
 
+    def _tick(self, fast: bool) -> None:
+        """(Re)start the repeating flush timer: every ``flush_interval``, or every ``BUSY_TICK_S``."""
+        if self._tref is not None:
+            self._tref.cancel()
+        self._tref = self._timer.call_repeatedly(self.flush_interval if fast else self.BUSY_TICK_S, self._do_flush)
+        self._slow_tick = not fast
+
+    def _nothing_can_start(self) -> None:
+        if self._tref is not None and not self._slow_tick:
+            self._tick(fast=False)  # a returning batch flushes (and ticks fast again)
+
     def _do_flush(self) -> None:
-        if self._pool is None or self._busy():
+        if self._pool is None:
+            return
+        if self._busy():
+            self._nothing_can_start()
             return  # called again when the running batch returns
         if self.lane and self._pending.empty():
             # Nothing can start: a high job waits for the lane's running one (others wait behind it),
             # or no high job waits and only the lane is free. (Else every arrival and timer tick
-            # would take the whole buffer out and put it back.)
+            # would take the whole buffer out and put it back.) An arriving high job flushes at once.
             high_waits = any(map(is_urgent, list(self._buffer.queue)))
             if (high_waits and len(self._urgent) >= self._urgent_slots()) or (not high_waits and self._bulk_full()):
+                self._nothing_can_start()
                 return
         waiting = list(consume_queue(self._buffer)) + list(consume_queue(self._pending))
         ready = []
@@ -254,7 +277,7 @@ class ModelBatches(Batches):
         if self._buffer.empty() and self._pending.empty():
             if self._tref is not None:
                 self._tref.cancel()
-            self._tref = None
+            self._tref, self._slow_tick = None, False
 
     def _flush_lanes(self, ready: list) -> list:
         """With a lane: high-priority jobs, by themselves, to a free process (one such batch at a
@@ -288,8 +311,8 @@ class ModelBatches(Batches):
                 self._timer.call_after(self.URGENT_FETCH_S, self._do_flush)
             else:
                 self._do_flush()
-            if self._tref is None and not (self._buffer.empty() and self._pending.empty()):
-                self._tref = self._timer.call_repeatedly(self.flush_interval, self._do_flush)
+            if (self._tref is None or self._slow_tick) and not (self._buffer.empty() and self._pending.empty()):
+                self._tick(fast=True)
 
     def flush(self, requests: Collection[Any]) -> Any:
         requests = list(requests)
@@ -353,12 +376,12 @@ class ModelBatches(Batches):
                 self._tref.cancel()
             except Exception:
                 pass
-            self._tref = None
+            self._tref, self._slow_tick = None, False
         handler = super().Strategy(task, app, consumer)
         self.policy.processes = self._processes()
         transport.on_burst_end(self._after_burst)
         if not (self._buffer.empty() and self._pending.empty()):
-            self._tref = self._timer.call_repeatedly(self.flush_interval, self._do_flush)
+            self._tick(fast=True)
 
         def adaptive_handler(*args: Any, **kwargs: Any) -> None:
             handler(*args, **kwargs)  # buffers the request (and starts the max-wait timer)

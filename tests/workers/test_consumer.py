@@ -101,7 +101,7 @@ class FakeTimer:
         self.after.append((secs, fn))
 
     def call_repeatedly(self, interval, fn, args=()):
-        entry = SimpleNamespace(fn=fn, cancelled=False)
+        entry = SimpleNamespace(fn=fn, interval=interval, cancelled=False)
         entry.cancel = lambda: setattr(entry, "cancelled", True)
         self.entries.append(entry)
         return entry
@@ -121,6 +121,60 @@ def test_a_consumer_restart_restarts_the_flush_timer(monkeypatch):
     consumer.timer = FakeTimer()  # the old loop's timers are gone
     task.Strategy(task, app, consumer)
     assert len(consumer.timer.entries) == 1 and task._tref is consumer.timer.entries[0]
+
+
+def _ticking(task):
+    """The flush timer as celery-batches starts it on an arrival: every ``flush_interval``."""
+    task._tref = task._timer.call_repeatedly(task.flush_interval, task._do_flush)
+    return task._tref
+
+
+def test_while_no_batch_can_start_the_flush_timer_ticks_slowly_and_a_returning_batch_restores_it(monkeypatch):
+    """Each tick wakes the main process on the model's core, ahead of the batch: while the pool is
+    full they can start nothing, so they come every BUSY_TICK_S (still looking for dropped batches)."""
+    task = _task(monkeypatch)
+    task._timer = FakeTimer()
+    task.configure(max_batch_size=1, max_wait_ms=10)  # one job per batch: the others stay buffered
+    _arrive(task, "a", 9)
+    assert task._pool.batches == [["a"]]
+    fast = _ticking(task)
+    _arrive(task, "b", 9)
+    _arrive(task, "c", 9)
+    fast.fn()  # a tick while "a" runs
+    assert fast.cancelled and task._tref.interval == ModelBatches.BUSY_TICK_S and not task._tref.cancelled
+    slow = task._tref
+    slow.fn()
+    assert task._tref is slow and len(task._timer.entries) == 2  # no new timer per tick
+    _finish(task, 0, ["a"], 1)
+    assert task._pool.batches[1] == ["b"]  # the return flushes at once ...
+    assert slow.cancelled and task._tref.interval == task.flush_interval  # ... and ticks fast again ("c" waits)
+    _finish(task, 1, ["b"], 1)
+    _finish(task, 2, ["c"], 1)
+    assert task._pool.batches[2] == ["c"] and task._tref is None and task._buffer.empty()
+    # a batch the pool drops is still noticed by a slow tick
+    d = _arrive(task, "d", 9)
+    _arrive(task, "e", 9)
+    _ticking(task).fn()
+    assert task._tref.interval == ModelBatches.BUSY_TICK_S
+    dropped = next(r for r in task._running)
+    task._pool._pool._cache.pop(dropped._job)  # the pool dropped "d" (broker connection lost)
+    task._tref.fn()
+    assert d.rejected and task._pool.batches[-1] == ["e"]  # requeued, and the process free for "e"
+
+
+def test_with_a_lane_the_flush_timer_ticks_slowly_while_only_the_lane_is_free(monkeypatch):
+    task = _task(monkeypatch)
+    task._pool.num_processes, task.lane = 2, True
+    task._timer = FakeTimer()
+    _arrive(task, "low1", 9)
+    fast = _ticking(task)
+    _arrive(task, "low2", 9)
+    fast.fn()
+    assert task._tref.interval == ModelBatches.BUSY_TICK_S and len(task._pool.batches) == 1
+    _arrive(task, "high1", 0)
+    assert task._pool.batches[1] == ["high1"]  # an arrival does not wait for a tick
+    _finish(task, 0, ["low1"], 1)
+    assert task._pool.batches[2] == ["low2"]
 
 
 def test_adaptive_batching_runs_an_arrival_at_once_when_the_pool_is_free_and_fixed_batching_waits(monkeypatch):
