@@ -25,8 +25,8 @@ torch threads; Redis, the API and the load generator get the rest (taskset): as 
 put them on separate machines. Our open-loop runs are sent by bench/loadgen.py (asyncio on uvloop, in
 a process of its own: it spends less of that core than threads do); with four or more service
 cores, by one such process per two of them (64 connections each), which then also submit the
-saturation runs, so that one Python client is not what bounds a GPU worker's figure. Writes bench/results/latest.json and PNG
-plots next to it.
+saturation runs, so that one Python client is not what bounds a GPU worker's figure. Writes
+bench/results/latest.json and PNG plots next to it.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -653,15 +654,52 @@ def shares_arg(text: str) -> list[float]:
     return shares
 
 
+def count_arg(text: str) -> int:
+    """A whole number of at least 1 (``--concurrency``, ``--max-batch-size``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def wait_arg(text: str) -> float:
+    """``--max-wait-ms``: milliseconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more milliseconds, got {text!r}")
+    return value
+
+
+def exit_on_signals() -> None:
+    """SIGTERM and SIGHUP (``timeout``, a closed terminal) end the run as Ctrl-C does: through the
+    ``finally`` blocks that stop Redis, the API and the workers (without this they were left
+    running), and only once: a second signal during the cleanup is ignored."""
+    def stop(signum, frame):
+        # Once: ``timeout`` signals both the process and its group, and a second SystemExit raised
+        # inside the cleanup would cut it short (the API and Redis were left running).
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short windows: a few minutes for both models")
     parser.add_argument("--models", default="minilm,efficientnet-lite0")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--max-batch-size", type=int, help="run our worker with this max batch size")
-    parser.add_argument("--max-wait-ms", type=float, help="... and this max wait (0: flush as soon as free)")
+    parser.add_argument("--max-batch-size", type=count_arg, help="run our worker with this max batch size")
+    parser.add_argument("--max-wait-ms", type=wait_arg, help="... and this max wait (0: flush as soon as free)")
     parser.add_argument("--batching", choices=("adaptive", "fixed"), help="... and this batching mode")
-    parser.add_argument("--concurrency", type=int, default=1, help="pool processes in our worker (default 1)")
+    parser.add_argument("--concurrency", type=count_arg, default=1, help="pool processes in our worker (default 1)")
     parser.add_argument("--no-compare", action="store_true", help="skip the adaptive vs fixed batching comparison")
     parser.add_argument("--high-shares", type=shares_arg,
                         help="shares of high jobs in the 2x overload runs; the first is the headline "
@@ -682,6 +720,7 @@ def main() -> None:
     unknown = [m for m in args.models.split(",") if m not in known]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; models.toml has {', '.join(known)}")
+    exit_on_signals()
     os.sched_setaffinity(0, SERVICE_CORES)  # the load generator, with the API and Redis
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,41 @@ class Delayed:
         return done_at
 
 
+def test_counts_and_waits_are_checked_before_anything_starts():
+    import argparse
+
+    assert bench.count_arg("2") == 2 and bench.wait_arg("0") == 0.0 and bench.wait_arg("2.5") == 2.5
+    for bad in ("0", "-1", "1.5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.count_arg(bad)
+    for bad in ("-1", "nan", "inf", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.wait_arg(bad)
+
+
+def test_a_terminated_run_goes_through_its_cleanup():
+    """``timeout make bench`` sends SIGTERM: the run must still stop the servers it started."""
+    import os
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    stopped = []
+    try:
+        bench.exit_on_signals()
+        with pytest.raises(SystemExit) as exited:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # (the handler runs at once)
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)  # timeout signals the process group too
+                time.sleep(0.1)
+                stopped.append(True)  # where bench_model stops Redis, the API and the workers
+        assert exited.value.code == 128 + signal.SIGTERM and stopped
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_open_loop_times_each_job_from_its_arrival_by_priority():
     out = bench.open_loop(Delayed(0.05), rate=200, seconds=0.5, priorities=(("high", 0.5), ("low", 0.5)))
     assert 60 <= out["jobs"] <= 140 and out["failed"] == 0  # Poisson at 200/s for 0.5 s
