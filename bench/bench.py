@@ -654,26 +654,23 @@ def shares_arg(text: str) -> list[float]:
     return shares
 
 
-def count_arg(text: str) -> int:
-    """A whole number of at least 1 (``--concurrency``, ``--max-batch-size``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _number_arg(cast, ok, need: str):
+    """An argparse type: ``cast(text)``, refused unless ``ok(value)`` (``need`` says what is wanted)."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {need}: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
+        return value
+    return parse
 
 
-def wait_arg(text: str) -> float:
-    """``--max-wait-ms``: milliseconds, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 or more milliseconds, got {text!r}")
-    return value
+#: ``--concurrency``, ``--max-batch-size``
+count_arg = _number_arg(int, lambda v: v >= 1, "a whole number of at least 1")
+#: ``--max-wait-ms``: milliseconds, finite (NaN fails the comparison)
+wait_arg = _number_arg(float, lambda v: 0 <= v < float("inf"), "0 or more milliseconds")
 
 
 def exit_on_signals() -> None:
