@@ -258,3 +258,49 @@ def test_the_last_failures_are_kept_for_make_status(store):
                    "error": {"type": "ValueError", "message": "boom"}}])
     latest = json.loads(store.r.lindex("failures:recent", 0))
     assert latest["id"] == job_id and latest["type"] == "ValueError" and latest["model"] == "m"
+
+
+def test_one_finish_stores_a_mixed_batch_whole(store):
+    """Every effect of storing a batch, for each kind of outcome, from the one script call."""
+    ok, bad, again = (new_job(store) for _ in range(3))
+    late = new_job(store, deadline=time.time() - 1)
+    assert [v for v, _ in store.claim([ok, bad, again, late], "w", 4, 5)] == ["run", "run", "run", "expired"]
+    for j in (ok, again):
+        store.r.hset(store.key(j), "inputs", '["text"]')
+    pubsub = store.r.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(*(f"jobs:done:{j}" for j in (ok, bad, again, late)))
+    store.finish([
+        {"id": ok, "status": "succeeded", "result": {"embedding": [0.5, -1.25], "dim": 2}, "model": "m",
+         "priority": "high"},
+        {"id": bad, "status": "failed", "error": {"type": "InvalidInput", "message": "no inputs"}, "model": "m",
+         "priority": "high"},
+        {"id": again, "status": "retrying", "error": {"type": "Busy", "message": "later"}, "model": "m",
+         "priority": "high"},
+        {"id": late, "status": "expired", "error": {"type": "Expired", "message": "too late"}, "model": "m",
+         "priority": "high", "recorded": True},
+    ], now=1000.0)
+    r = store.r
+    job = {j: r.hgetall(store.key(j)) for j in (ok, bad, again, late)}
+    assert job[ok]["status"] == "succeeded" and job[ok]["finished_at"] == "1000.0" and "inputs" not in job[ok]
+    assert json.loads(job[bad]["error"]) == {"type": "InvalidInput", "message": "no inputs"}
+    assert job[again]["status"] == "retrying" and "finished_at" not in job[again] and "inputs" in job[again]
+    assert job[late]["status"] == "expired" and float(job[late]["finished_at"]) < time.time()  # the claim's
+    meta = json.loads(r.get(result_key(ok)))
+    assert meta == {"status": "SUCCESS", "task_id": ok, "traceback": None, "children": [],
+                    "date_done": iso(1000.0), "result": {"embedding": [0.5, -1.25], "dim": 2}}
+    assert json.loads(r.get(result_key(bad)))["result"] == {
+        "exc_type": "InvalidInput", "exc_message": ["no inputs"], "exc_module": "builtins"}
+    assert json.loads(r.get(result_key(late)))["status"] == "REVOKED" and r.get(result_key(again)) is None
+    assert 0 < r.ttl(result_key(ok)) <= 60 and 0 < r.ttl(store.key(ok)) <= 60 and 0 < r.ttl(store.key(again)) <= 60
+    assert r.zrange("live:m", 0, -1) == [again]
+    assert r.hgetall("stats:finished") == {"m|high|succeeded": "1", "m|high|failed": "1", "m|high|expired": "1"}
+    assert r.hget("waiting:m", "high") == "1"  # the retrying job waits again
+    assert json.loads(r.lindex("failures:recent", 0))["id"] == bad and r.llen("failures:recent") == 1
+    heard, deadline = {}, time.monotonic() + 2
+    while len(heard) < 3 and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.1)
+        if message:
+            heard[message["channel"].rsplit(":", 1)[1]] = message["data"]
+    pubsub.close()
+    assert heard == {ok: "succeeded", bad: "failed", late: "expired"}
+    store.finish([])  # nothing to store: no call

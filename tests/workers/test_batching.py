@@ -112,6 +112,9 @@ def test_adaptive_batching_learns_the_most_efficient_size_whichever_shape_the_co
     cnn = AdaptiveBatcher(max_size=16)  # per-input cost rises past 2 (a CNN on one core)
     _learn(cnn, {1: 30, 2: 56, 4: 130, 8: 280, 16: 600})
     assert cnn.best() == 2 and cnn.target(available=500) == 2
+    even = AdaptiveBatcher(max_size=64)  # 32 a hair cheaper in the pool; a batch also costs its hand-off
+    _learn(even, {1: 16, 2: 22, 4: 30, 8: 50, 16: 95, 32: 170, 64: 341})
+    assert even.cost[32] < even.cost[64] and even.best() == 64
     odd = AdaptiveBatcher(max_size=24)
     assert odd.sizes == [1, 2, 4, 8, 16, 24] and odd.bucket(20) == 16 and odd.bucket(24) == 24 and odd.bucket(0) == 1
 
