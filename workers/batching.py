@@ -187,12 +187,17 @@ class BatchStats:
 class AdaptiveBatcher:
     """Learns what a batch costs this worker at each size, and picks batch sizes from it.
 
-    The cost is the pool's whole time for a batch (claim, model, store) per input, kept per size
-    bucket (1, 2, 4, ... up to ``max_size``) as a moving average, plus ``HANDOFF_S`` a batch for what
-    the pool's time does not hold: the main process's planning, hand-off and acking (so two sizes
-    the pool runs equally fast go to the larger). A linear fit of batch time against
-    size (BentoML's model) cannot say that a CNN runs slower per image at 32 than at 8 on a CPU;
-    buckets can, and there are only log2(max_size) of them to learn.
+    The cost is a batch's whole cycle per input, kept per size bucket (1, 2, 4, ... up to
+    ``max_size``) as a moving average. With a backlog (the batch was handed over as the one before it
+    returned) the cycle runs from that return to this batch's: the acks, the planning and hand-off,
+    the pool's claim, model and store, the result's way back, and whatever Redis and the machine
+    make them wait. The pool's own time misses the part outside it, and that part is per batch: on
+    the benchmark's machine it made batches of 32 cost MiniLM 7 to 8% more per input than batches
+    of 64, although the pool ran 32 faster. A batch started on an idle pool has no cycle to time; it
+    counts as the pool's time plus ``gap``, the moving average of that outside part (``GAP_S`` until
+    a backlog has shown it). A linear fit of batch time against size (BentoML's model) cannot say
+    that a CNN runs slower per image at 32 than at 8 on a CPU; buckets can, and there are only
+    log2(max_size) of them to learn.
 
     * ``target(available)``: with a backlog, the next batch takes the best-measured bucket's size.
       Buckets with fewer than ``MIN_SAMPLES`` batches are tried first (smallest first, and none
@@ -210,9 +215,9 @@ class AdaptiveBatcher:
     >>> b.sizes
     [1, 2, 4, 8]
     >>> for size, ms in [(1, 10), (2, 12), (4, 16), (8, 40)] * 3:  # 8 costs more per input than 4
-    ...     b.record(size, ms / 1000)
-    >>> b.best(), b.target(available=100)
-    (4, 4)
+    ...     b.record(size, ms / 1000, cycle=(ms + 2) / 1000)
+    >>> b.best(), b.target(available=100), round(b.gap * 1000, 3)
+    (4, 4, 2.0)
     >>> b.should_wait(1, now=0.0)  # no arrivals seen: run now
     False
     """
@@ -223,9 +228,9 @@ class AdaptiveBatcher:
     URGENT_PRIORITY = PRIORITIES["high"]
     URGENT_FOR_S = 2.0
     URGENT_FACTOR = 1.5
-    #: main-process CPU a batch costs on the model's core, measured for minilm in backlog drains with
-    #: fixed sizes: 0.144 ms a job at 64, 0.174 at 32 (medians of three) -> about 2 ms a batch
-    HANDOFF_S = 0.002
+    #: What a batch costs outside the pool until a backlog has timed it (``gap``): the worker's main
+    #: process, on the model's core, spent about 2 ms a batch on it in minilm backlog drains here.
+    GAP_S = 0.002
 
     def __init__(self, max_size: int, processes: int = 1):
         if max_size < 1:
@@ -236,6 +241,7 @@ class AdaptiveBatcher:
         self.cost: dict[int, float] = {}  # bucket -> seconds per input (moving average)
         self.samples: dict[int, int] = {s: 0 for s in self.sizes}
         self.batches = 0
+        self.gap = self.GAP_S  # seconds a batch costs outside the pool (moving average, backlog cycles)
         self._gap: float | None = None  # moving average of seconds between arrivals
         self._last: float | None = None
         self._explore_up = True
@@ -249,6 +255,7 @@ class AdaptiveBatcher:
             if size in self.cost:
                 other.cost[size], other.samples[size] = self.cost[size], self.samples[size]
         other.batches = sum(other.samples.values())
+        other.gap = self.gap
         other._gap, other._last, other._urgent_until = self._gap, self._last, self._urgent_until
         return other
 
@@ -256,12 +263,17 @@ class AdaptiveBatcher:
         """The largest bucket size that ``inputs`` fills."""
         return max(s for s in self.sizes if s <= max(1, inputs))
 
-    def record(self, inputs: int, seconds: float) -> None:
-        """One batch of ``inputs`` inputs took the pool ``seconds``."""
+    def record(self, inputs: int, seconds: float, cycle: float | None = None) -> None:
+        """One batch of ``inputs`` inputs took the pool ``seconds``; with a backlog, ``cycle``
+        seconds passed from the return of the batch before it to its own."""
         if inputs < 1 or seconds <= 0:
             return
+        if cycle is not None and cycle >= seconds:
+            self.gap += self.ALPHA * (cycle - seconds - self.gap)
+        else:  # started on an idle pool (or a clock that went back): the pool's time and the usual gap
+            cycle = seconds + self.gap
         b = self.bucket(inputs)
-        per = seconds / inputs
+        per = cycle / inputs
         n = self.samples[b]
         if n < self.MIN_SAMPLES:  # the mean of the first few, then a moving average
             self.cost[b] = per if n == 0 else (self.cost[b] * n + per) / (n + 1)
@@ -271,9 +283,8 @@ class AdaptiveBatcher:
         self.batches += 1
 
     def per_input(self, size: int) -> float | None:
-        """Seconds per input in batches of ``size`` (a bucket): the pool's, and the hand-off's share."""
-        cost = self.cost.get(size)
-        return None if cost is None else cost + self.HANDOFF_S / size
+        """Seconds per input in batches of ``size`` (a bucket), over the whole cycle."""
+        return self.cost.get(size)
 
     def best(self) -> int:
         known = [s for s in self.cost if self.samples[s] >= self.MIN_SAMPLES]
@@ -356,6 +367,6 @@ class AdaptiveBatcher:
         return self.arrival_rate(now) * per_input > self.processes
 
     def summary(self) -> dict[str, Any]:
-        return {"target_batch": self.best(), "urgent_cap": self.urgent_cap(),
+        return {"target_batch": self.best(), "urgent_cap": self.urgent_cap(), "gap_ms": round(self.gap * 1000, 3),
                 "ms_per_input_by_batch": {s: round(c * 1000, 3) for s, c in sorted(self.cost.items())},
                 "batches_by_size": {s: n for s, n in self.samples.items() if n}}

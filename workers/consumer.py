@@ -125,6 +125,7 @@ class ModelBatches(Batches):
         self.policy = AdaptiveBatcher(self.flush_every)
         self._burst: list = []  # priorities of the bulk fetch being delivered
         self._slow_tick = False  # the flush timer ticks every BUSY_TICK_S (the pool is full)
+        self._freed_at: float | None = None  # while a returning batch's flush runs: when it returned
 
     def configure(self, max_batch_size: int, max_wait_ms: float, adaptive: bool | None = None) -> None:
         """Set the batch limits (and the mode); on a running worker (``celery control
@@ -318,14 +319,18 @@ class ModelBatches(Batches):
         requests = list(requests)
         simple = [SimpleRequest.from_request(r) for r in requests]
         handle: list = []  # the pool's result object, once apply_async returns it
+        # Handed over as the batch before it returned (a backlog): its cycle runs from that return.
+        cycle_from = self._freed_at
 
         def on_return(value) -> None:
+            returned = monotonic()
             if isinstance(value, dict):  # ids to ack, plus the batch's figures
                 self.stats.record(value.get("jobs", 0), value.get("inputs", 0), value.get("run_ms", 0.0),
-                                  monotonic())
+                                  returned)
                 if value.get("jobs") and not (handle and handle[0] in self._overlapped):
                     # (a batch a high-priority one ran beside was slowed by it: not its own cost)
-                    self.policy.record(value.get("inputs", 0), value.get("pool_ms", 0.0) / 1000)
+                    self.policy.record(value.get("inputs", 0), value.get("pool_ms", 0.0) / 1000,
+                                       None if cycle_from is None else returned - cycle_from)
                 value = value.get("ids")
             done = set(value or ())
             try:
@@ -338,7 +343,11 @@ class ModelBatches(Batches):
             except Exception:  # broker gone: unacked messages come back after visibility_timeout
                 log.exception("could not ack/requeue a batch of %d", len(requests))
             finally:
-                self._after_batch(handle)
+                self._freed_at = returned  # (a batch the flush below starts runs from here)
+                try:
+                    self._after_batch(handle)
+                finally:
+                    self._freed_at = None
 
         def on_error(exc_info) -> None:
             log.error("batch of %d lost (%s); requeueing it", len(requests),
