@@ -242,7 +242,7 @@ class AdaptiveBatcher:
         self.samples: dict[int, int] = {s: 0 for s in self.sizes}
         self.batches = 0
         self.gap = self.GAP_S  # seconds a batch costs outside the pool (moving average, backlog cycles)
-        self._gap: float | None = None  # moving average of seconds between arrivals
+        self._arrival_gap: float | None = None  # moving average of seconds between arrivals
         self._last: float | None = None
         self._explore_up = True
         self._urgent_until = float("-inf")
@@ -256,7 +256,7 @@ class AdaptiveBatcher:
                 other.cost[size], other.samples[size] = self.cost[size], self.samples[size]
         other.batches = sum(other.samples.values())
         other.gap = self.gap
-        other._gap, other._last, other._urgent_until = self._gap, self._last, self._urgent_until
+        other._arrival_gap, other._last, other._urgent_until = self._arrival_gap, self._last, self._urgent_until
         return other
 
     def bucket(self, inputs: int) -> int:
@@ -346,14 +346,14 @@ class AdaptiveBatcher:
         if self._last is not None:
             count = max(1, count)
             gap = max(0.0, now - self._last) / count
-            self._gap = gap if self._gap is None else gap + (self._gap - gap) * 0.9 ** count
+            self._arrival_gap = gap if self._arrival_gap is None else gap + (self._arrival_gap - gap) * 0.9 ** count
         self._last = now
 
     def arrival_rate(self, now: float) -> float:
         """Jobs per second lately (0 when none came for a while)."""
-        if self._gap is None or self._last is None:
+        if self._arrival_gap is None or self._last is None:
             return 0.0
-        gap = max(self._gap, now - self._last)  # a quiet spell counts at once
+        gap = max(self._arrival_gap, now - self._last)  # a quiet spell counts at once
         return 1.0 / gap if gap > 0 else float("inf")
 
     def should_wait(self, buffered: int, now: float) -> bool:

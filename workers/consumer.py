@@ -9,8 +9,9 @@ This subclass:
 * flushes only when a pool process is free, taking up to ``flush_every``
   inputs (not jobs: a job's ``inputs`` list counts in full), most urgent
   priority first (``workers.batching.plan``);
-* adaptive batching (the default): learns the cost of each batch size as it runs
-  (``workers.batching.AdaptiveBatcher``), takes the most efficient size when
+* adaptive batching (the default): learns the cost of each batch size as it runs, over a batch's
+  whole cycle with a backlog (from the return of the batch before it to its own), not the pool's
+  time alone (``workers.batching.AdaptiveBatcher``), takes the most efficient size when
   there is a backlog, and runs a job at once when the pool is free unless
   arrivals outpace what that batch size can serve (then it waits, at most
   ``flush_interval``); fixed batching waits ``flush_interval`` for
