@@ -216,7 +216,9 @@ def test_a_new_size_limit_keeps_what_was_learnt_of_the_sizes_both_limits_allow()
     for size, ms in [(1, 10), (2, 12), (4, 16), (8, 24), (16, 40), (32, 72), (64, 136)] * 3:
         b.record(size, ms / 1000)
     assert b.best() == 64
+    b.record(64, 0.136, cycle=0.146)  # a backlog cycle: 10 ms outside the pool
     smaller = b.resized(16)
+    assert smaller.gap == b.gap > b.GAP_S  # what a batch costs outside the pool does not depend on the limit
     assert smaller.sizes == [1, 2, 4, 8, 16]
     assert smaller.cost == {s: b.cost[s] for s in smaller.sizes} and smaller.best() == 16
     assert smaller.target(available=100) == 16  # no relearning of sizes it has measured
