@@ -64,6 +64,21 @@ def test_open_loop_times_each_job_from_its_arrival_by_priority():
     assert len(low["cdf_ms"]) == low["jobs"] and low["cdf_ms"] == sorted(low["cdf_ms"])
 
 
+def test_one_at_a_time_is_timed_to_the_client_or_to_the_stored_result():
+    """The idle ``high`` p95 is the overload bound's denominator: it stops its clock where
+    ``open_loop`` stops the overload's, at the stored result, not after the way back."""
+
+    class WayBack(Delayed):
+        def wait(self, done_at: float):
+            time.sleep(max(0.0, done_at - time.time()) + 0.04)  # stored, then 40 ms to the client
+            return done_at
+
+    client = bench.sequential(WayBack(0.02), 3)
+    stored = bench.sequential(WayBack(0.02), 3, to="stored")
+    assert len(client) == len(stored) == 3
+    assert all(t >= 59 for t in client) and all(19 <= t < 45 for t in stored)
+
+
 def test_saturate_counts_items_per_second_to_the_last_result():
     out = bench.saturate(Delayed(0.2), 20, threads=4)
     assert out["jobs"] == 20 and out["failed"] == 0
