@@ -188,7 +188,10 @@ class AdaptiveBatcher:
     """Learns what a batch costs this worker at each size, and picks batch sizes from it.
 
     The cost is a batch's whole cycle per input, kept per size bucket (1, 2, 4, ... up to
-    ``max_size``) as a moving average. With a backlog (the batch was handed over as the one before it
+    ``max_size``) as a moving average. A batch counts for the size it is within ``NEAR`` of (62
+    inputs: 64's); one between sizes counts for none. (A burst's tail of 40 to 60 inputs, counted
+    as 32's, made 32 look as cheap per input as those larger batches are, and adaptive batching then
+    ran batches of 32 in the next backlog until they had shown their real cost.) With a backlog (the batch was handed over as the one before it
     returned) the cycle runs from that return to this batch's: the acks, the planning and hand-off,
     the pool's claim, model and store, the result's way back, and whatever Redis and the machine
     make them wait. The pool's own time misses the part outside it, and that part is per batch: on
@@ -223,6 +226,8 @@ class AdaptiveBatcher:
     """
 
     MIN_SAMPLES = 3
+    #: A batch of ``n`` inputs shows the cost of a size ``s`` with ``|n - s| <= NEAR * s``.
+    NEAR = 0.125
     EXPLORE_EVERY = 25
     ALPHA = 0.2
     URGENT_PRIORITY = PRIORITIES["high"]
@@ -263,6 +268,16 @@ class AdaptiveBatcher:
         """The largest bucket size that ``inputs`` fills."""
         return max(s for s in self.sizes if s <= max(1, inputs))
 
+    def shows(self, inputs: int) -> int | None:
+        """The size whose cost a batch of ``inputs`` inputs shows: one it is within ``NEAR`` of.
+
+        >>> b = AdaptiveBatcher(max_size=64)
+        >>> b.shows(64), b.shows(62), b.shows(30), b.shows(3), b.shows(48), b.shows(300)
+        (64, 64, 32, None, None, None)
+        """
+        near = [s for s in self.sizes if abs(inputs - s) <= self.NEAR * s]
+        return min(near, key=lambda s: abs(inputs - s)) if near else None
+
     def record(self, inputs: int, seconds: float, cycle: float | None = None) -> None:
         """One batch of ``inputs`` inputs took the pool ``seconds``; with a backlog, ``cycle``
         seconds passed from the return of the batch before it to its own."""
@@ -272,7 +287,10 @@ class AdaptiveBatcher:
             self.gap += self.ALPHA * (cycle - seconds - self.gap)
         else:  # started on an idle pool (or a clock that went back): the pool's time and the usual gap
             cycle = seconds + self.gap
-        b = self.bucket(inputs)
+        self.batches += 1
+        b = self.shows(inputs)
+        if b is None:  # between sizes: its gap counts, its cost per input belongs to no size
+            return
         per = cycle / inputs
         n = self.samples[b]
         if n < self.MIN_SAMPLES:  # the mean of the first few, then a moving average
@@ -280,7 +298,6 @@ class AdaptiveBatcher:
         else:
             self.cost[b] = (1 - self.ALPHA) * self.cost[b] + self.ALPHA * per
         self.samples[b] += 1
-        self.batches += 1
 
     def per_input(self, size: int) -> float | None:
         """Seconds per input in batches of ``size`` (a bucket), over the whole cycle."""

@@ -140,6 +140,29 @@ def test_with_a_backlog_a_size_costs_its_whole_cycle_not_the_pools_time():
     assert b.samples[1] == 5 and 0.010 < b.gap < 0.014
 
 
+def test_a_batch_between_sizes_teaches_no_sizes_cost():
+    """Run O: a burst's tail (batches of 40 to 60 texts) counted as 32's made 32 look as cheap per
+    text as those bigger batches are, and the next backlog ran in batches of 32 (43.3 on average
+    in one round, 59.1 in the others). A batch near a size counts for it; one between, for none."""
+    from workers.batching import AdaptiveBatcher
+
+    b = AdaptiveBatcher(max_size=64)
+    per_text_ms = {1: 15.0, 2: 8.2, 4: 5.6, 8: 3.6, 16: 3.55, 32: 2.6, 64: 2.37}
+    for _ in range(3):
+        for size, ms in per_text_ms.items():
+            b.record(size, size * ms / 1000, cycle=size * ms / 1000 + 0.004)
+    assert b.best() == 64
+    learnt, gap = dict(b.cost), b.gap
+    for inputs in (40, 44, 48, 52):  # between 32 and 64, cheaper per text than 32
+        b.record(inputs, inputs * 0.0022, cycle=inputs * 0.0022 + 0.008)
+    assert b.cost == learnt and b.best() == 64
+    assert b.gap > gap  # the time outside the pool still counts, whatever the size
+    b.record(60, 60 * 0.0022, cycle=60 * 0.0022 + 0.004)  # within an eighth of 64: 64's
+    assert b.cost[64] < learnt[64] and b.samples[64] == 4 and b.cost[32] == learnt[32]
+    b.record(30, 30 * 0.003)  # and 30 is 32's
+    assert b.samples[32] == 4 and b.cost[32] != learnt[32]
+
+
 def test_adaptive_batching_tries_each_size_the_backlog_fills_then_neighbours_now_and_then():
     from workers.batching import AdaptiveBatcher
 
