@@ -141,9 +141,10 @@ def test_with_a_backlog_a_size_costs_its_whole_cycle_not_the_pools_time():
 
 
 def test_a_batch_between_sizes_teaches_no_sizes_cost():
-    """Run O: a burst's tail (batches of 40 to 60 texts) counted as 32's made 32 look as cheap per
-    text as those bigger batches are, and the next backlog ran in batches of 32 (43.3 on average
-    in one round, 59.1 in the others). A batch near a size counts for it; one between, for none."""
+    """In a harness round after run O, a burst's tail (batches of 40 to 60 texts) counted as
+    32's made 32 look as cheap per text as those bigger batches are, and the next backlog ran in
+    batches of 32 (43.3 on average in that round, 59.1 in the others). A batch near a size counts
+    for it; one between, for none."""
     from workers.batching import AdaptiveBatcher
 
     b = AdaptiveBatcher(max_size=64)
