@@ -496,8 +496,8 @@ def bench_model(model: str, args, work: Path) -> dict:
         for f in LOADS:
             ours_loads[str(f)] = open_loop(ours, f * rate, window)
             say(f"{model}: ours at {f:.0%} of it: {ours_loads[str(f)]}")
-        # 300 jobs: the p95 of 60 (the third slowest) moved by a quarter from one 60 to the next
-        # (16.6 to 25.8 ms for minilm's high jobs in one minute), and it is the bound's denominator.
+        # 300 jobs: the p95 of 60 (the fourth slowest) moved from 16.57 to 25.75 ms between five
+        # sixties of minilm's high jobs in a row, and it is the bound's denominator.
         n_idle = 60 if quick else 300
         idle = sequential(ours, n_idle)
         # To its result being stored, as the overload runs below time each job: like with like.

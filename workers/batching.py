@@ -189,10 +189,9 @@ class AdaptiveBatcher:
 
     The cost is a batch's whole cycle per input, kept per size bucket (1, 2, 4, ... up to
     ``max_size``) as a moving average. A batch counts for the size it is within ``NEAR`` of (62
-    inputs: 64's); one between sizes counts for none. (A burst's tail of 40 to 60 inputs, counted
-    as 32's, made 32 look as cheap per input as those larger batches are, and adaptive batching then
-    ran batches of 32 in the next backlog until they had shown their real cost.) With a backlog (the batch was handed over as the one before it
-    returned) the cycle runs from that return to this batch's: the acks, the planning and hand-off,
+    inputs: 64's); one between sizes counts for none (a burst's tail of 40 to 60 inputs, counted
+    as 32's, would make 32 look as cheap per input as those larger batches are). With a backlog
+    (the batch was handed over as the one before it returned) the cycle runs from that return to this batch's: the acks, the planning and hand-off,
     the pool's claim, model and store, the result's way back, and whatever Redis and the machine
     make them wait. The pool's own time misses the part outside it, and that part is per batch: on
     the benchmark's machine it made batches of 32 cost MiniLM 7 to 8% more per input than batches
