@@ -400,10 +400,12 @@ def batching_settings(spec, best_batch: int) -> list[tuple[str, int, float]]:
 
 def compare_batching(driver, env: dict, spec, lim: dict, quick: bool) -> list[dict]:
     """Items/s at saturation and idle overhead for each batching setting, on the running worker.
-    Settings take turns, in rounds (the order rotating each round), and each row reports the median
-    of its rounds: on a shared machine, speed drifts by 10% within minutes."""
+    Settings take turns, in rounds (the order rotating each round, so that with as many rounds as
+    settings each runs once in every place), and each row reports the median of its rounds and,
+    round by round, adaptive's items/s over its own: on a shared machine, speed drifts by 10%
+    within minutes, more than the settings differ, and the turns of one round are minutes apart."""
     settings = batching_settings(spec, lim["best_batch"])
-    rounds = 1 if quick else 4  # (quick: the whole run stays under 5 minutes)
+    rounds = 1 if quick else max(4, len(settings))  # (quick: the whole run stays under 5 minutes)
     n_sat = max(40, int(lim["limit_items_per_s"] * (3 if quick else 6)))
     n_idle = 8 if quick else 20
     runs: dict[tuple, dict[str, list]] = {key: {"items_per_s": [], "idle_ms": []} for key in settings}
@@ -418,9 +420,26 @@ def compare_batching(driver, env: dict, spec, lim: dict, quick: bool) -> list[di
             say(f"{spec.name}: round {r + 1}/{rounds}, {mode} batching, max {size}, wait {wait} ms: "
                 f"{sat['items_per_s']} items/s, idle overhead p50 {pct(idle, 50)} ms")
     set_batching(env, spec.name, spec.max_batch_size, spec.max_wait_ms, spec.batching)
+    return summarise_comparison(settings, runs, n_sat)
+
+
+def summarise_comparison(settings: list[tuple], runs: dict[tuple, dict[str, list]], n_sat: int) -> list[dict]:
+    """One row per setting: the median of its rounds, and ``adaptive_vs_this``, the median over
+    rounds of adaptive's items/s over this setting's in the same round (the first setting is
+    adaptive's; each round's turns are its own, so the machine's drift between rounds cancels).
+
+    >>> s = [("adaptive", 64, 10.0), ("fixed", 64, 0.0)]
+    >>> rows = summarise_comparison(s, {s[0]: {"items_per_s": [100, 200, 300], "idle_ms": [1.0]},
+    ...                                 s[1]: {"items_per_s": [110, 190, 310], "idle_ms": [2.0]}}, 50)
+    >>> [(r["items_per_s"], r["adaptive_vs_this"]) for r in rows]
+    [(200, 1.0), (190, 0.968)]
+    """
+    adaptive = runs[settings[0]]["items_per_s"]
     return [{"batching": mode, "max_batch_size": size, "max_wait_ms": wait,
              "items_per_s": round(statistics.median(runs[(mode, size, wait)]["items_per_s"]), 2),
              "items_per_s_rounds": runs[(mode, size, wait)]["items_per_s"],
+             "adaptive_vs_this": round(statistics.median(
+                 a / b for a, b in zip(adaptive, runs[(mode, size, wait)]["items_per_s"]) if b), 3),
              "idle_overhead_ms_p50": pct(runs[(mode, size, wait)]["idle_ms"], 50), "jobs_per_round": n_sat}
             for mode, size, wait in settings]
 
