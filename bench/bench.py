@@ -398,7 +398,7 @@ def batching_settings(spec, best_batch: int) -> list[tuple[str, int, float]]:
     return out
 
 
-def compare_batching(driver, env: dict, spec, lim: dict, quick: bool) -> list[dict]:
+def compare_batching(driver, env: dict, spec, lim: dict, quick: bool, metrics_url: str | None = None) -> list[dict]:
     """Items/s at saturation and idle overhead for each batching setting, on the running worker.
     Settings take turns, in rounds (the order rotating each round, so that with as many rounds as
     settings each runs once in every place), and each row reports the median of its rounds and,
@@ -408,12 +408,15 @@ def compare_batching(driver, env: dict, spec, lim: dict, quick: bool) -> list[di
     rounds = 1 if quick else max(4, len(settings))  # (quick: the whole run stays under 5 minutes)
     n_sat = max(40, int(lim["limit_items_per_s"] * (3 if quick else 6)))
     n_idle = 8 if quick else 20
-    runs: dict[tuple, dict[str, list]] = {key: {"items_per_s": [], "idle_ms": []} for key in settings}
+    runs: dict[tuple, dict[str, list]] = {key: {"items_per_s": [], "idle_ms": [], "mean_batch": []} for key in settings}
     for r in range(rounds):
         for mode, size, wait in settings[r % len(settings):] + settings[:r % len(settings)]:
             set_batching(env, spec.name, size, wait, mode)
             sequential(driver, 3)  # settle
+            before = scrape(metrics_url) if metrics_url else {}
             sat = saturate(driver, n_sat)
+            if metrics_url:
+                runs[(mode, size, wait)]["mean_batch"].append(worker_between(before, scrape(metrics_url))["mean_batch"])
             idle = [t - lim["single_ms_p50"] for t in sequential(driver, n_idle)]
             runs[(mode, size, wait)]["items_per_s"].append(sat["items_per_s"])
             runs[(mode, size, wait)]["idle_ms"].extend(idle)
@@ -440,8 +443,23 @@ def summarise_comparison(settings: list[tuple], runs: dict[tuple, dict[str, list
              "items_per_s_rounds": runs[(mode, size, wait)]["items_per_s"],
              "adaptive_vs_this": round(statistics.median(
                  a / b for a, b in zip(adaptive, runs[(mode, size, wait)]["items_per_s"]) if b), 3),
+             "mean_batch_rounds": runs[(mode, size, wait)].get("mean_batch", []),
              "idle_overhead_ms_p50": pct(runs[(mode, size, wait)]["idle_ms"], 50), "jobs_per_round": n_sat}
             for mode, size, wait in settings]
+
+
+def worker_between(before: dict[str, float], after: dict[str, float]) -> dict:
+    """What the worker ran between two ``scrape``s: model seconds, batches and their mean size.
+
+    >>> worker_between({"batch_size_count": 2, "batch_size_sum": 10}, {"batch_size_count": 6, "batch_size_sum": 250,
+    ...                                                              "inference_seconds_sum": 1.5})
+    {'model_s': 1.5, 'batches': 4, 'mean_batch': 60.0}
+    """
+    def diff(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    return {"model_s": round(diff("inference_seconds_sum"), 2), "batches": round(diff("batch_size_count")),
+            "mean_batch": round(diff("batch_size_sum") / max(1, diff("batch_size_count")), 2)}
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -503,11 +521,7 @@ def bench_model(model: str, args, work: Path) -> dict:
         before = scrape(metrics_url)
         sat = saturate(ours, n_sat)
         after = scrape(metrics_url)
-        sat["worker"] = {
-            "model_s": round(after.get("inference_seconds_sum", 0) - before.get("inference_seconds_sum", 0), 2),
-            "batches": after.get("batch_size_count", 0) - before.get("batch_size_count", 0),
-            "mean_batch": round((after.get("batch_size_sum", 0) - before.get("batch_size_sum", 0))
-                                / max(1, after.get("batch_size_count", 0) - before.get("batch_size_count", 0)), 2)}
+        sat["worker"] = worker_between(before, after)
         rate = sat["items_per_s"]
         say(f"{model}: ours {rate} items/s ({rate / lim['limit_items_per_s']:.2f} x the limit); {sat}")
         window = 5.0 if quick else 30.0  # (quick: 6 s windows took 273.3 and 296.9 s in all, near the 5 minutes)
@@ -546,7 +560,7 @@ def bench_model(model: str, args, work: Path) -> dict:
         comparison = None
         if not args.no_compare:
             say(f"{model}: adaptive vs fixed batching")
-            comparison = compare_batching(ours, env, spec, lim, quick)
+            comparison = compare_batching(ours, env, spec, lim, quick, metrics_url)
 
         with on_cores(MODEL_CORES):
             naive_worker = Proc(f"naive-{model}", [str(Path(sys.executable).parent / "celery"), "-A", "bench.naive",

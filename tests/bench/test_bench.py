@@ -109,7 +109,7 @@ def test_adaptive_is_compared_round_by_round_so_the_machines_drift_cancels():
     """Fixed is 5% ahead in two rounds of three, but the machine was slow in its second turn: the
     medians put adaptive far ahead; the median of the rounds' ratios says it is behind."""
     s = [("adaptive", 64, 10.0), ("fixed", 64, 10.0)]
-    runs = {s[0]: {"items_per_s": [400.0, 300.0, 200.0], "idle_ms": [1.0, 3.0, 2.0]},
+    runs = {s[0]: {"items_per_s": [400.0, 300.0, 200.0], "idle_ms": [1.0, 3.0, 2.0], "mean_batch": [59.1, 60.5, 64.0]},
             s[1]: {"items_per_s": [420.0, 210.0, 210.0], "idle_ms": [5.0]}}
     rows = bench.summarise_comparison(s, runs, 100)
     assert [r["items_per_s"] for r in rows] == [300.0, 210.0]  # medians: adaptive far ahead
@@ -117,6 +117,7 @@ def test_adaptive_is_compared_round_by_round_so_the_machines_drift_cancels():
     assert rows[1]["adaptive_vs_this"] == pytest.approx(200 / 210, abs=0.001)  # but behind in 2 of 3 rounds
     assert rows[1]["items_per_s_rounds"] == [420.0, 210.0, 210.0] and rows[1]["jobs_per_round"] == 100
     assert rows[0]["idle_overhead_ms_p50"] == 2.0
+    assert rows[0]["mean_batch_rounds"] == [59.1, 60.5, 64.0] and rows[1]["mean_batch_rounds"] == []
 
 
 def test_the_benchs_doctests():
