@@ -403,7 +403,7 @@ def compare_batching(driver, env: dict, spec, lim: dict, quick: bool, metrics_ur
     Settings take turns, in rounds (the order rotating each round, so that with as many rounds as
     settings each runs once in every place), and each row reports the median of its rounds and,
     round by round, adaptive's items/s over its own: on a shared machine, speed drifts by 10%
-    within minutes, more than the settings differ, and the turns of one round are minutes apart."""
+    within minutes, more than the settings differ, and the turns of one round are seconds apart."""
     settings = batching_settings(spec, lim["best_batch"])
     rounds = 1 if quick else max(4, len(settings))  # (quick: the whole run stays under 5 minutes)
     n_sat = max(40, int(lim["limit_items_per_s"] * (3 if quick else 6)))
