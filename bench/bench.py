@@ -57,7 +57,7 @@ import requests  # noqa: E402
 
 import settings  # noqa: E402
 from bench.models import inputs_for, load_runner  # noqa: E402
-from bench.queueing import simulate_lane  # noqa: E402
+from bench.queueing import largest_share, simulate_lane  # noqa: E402
 from tests.procs import Proc, free_port, start_api, start_redis, start_worker, wait_until, worker_ready  # noqa: E402
 
 CORES = sorted(os.sched_getaffinity(0))
@@ -544,6 +544,12 @@ def bench_model(model: str, args, work: Path) -> dict:
             by_share[share] = open_loop(ours, 2 * rate, window, priorities=(("high", share), ("low", 1 - share)))
         overload = by_share[args.high_shares[0]]
         high_idle_p95 = pct(idle_high, 95)
+        # The largest share whose high p95 the lane alone (the limit run's batch times, no time outside
+        # the model) keeps within 2x the idle p95: above it no worker on these cores can meet the bound.
+        share_bound = (largest_share(lim["items_per_s_by_batch"], 2 * rate, 2 * high_idle_p95, spec.max_batch_size)
+                       if high_idle_p95 else None)
+        say(f"{model}: the lane alone keeps high within 2x its idle p95 ({high_idle_p95} ms) up to "
+            f"{share_bound:.1%} high at 2x our rate" if share_bound is not None else f"{model}: no idle high p95")
         shares = {}
         for share, run in by_share.items():
             high, low = run["by_priority"]["high"], run["by_priority"]["low"]
@@ -599,6 +605,7 @@ def bench_model(model: str, args, work: Path) -> dict:
         "high_p95_ms_overload": overload["by_priority"]["high"]["p95_ms"],
         "low_p95_ms_overload": overload["by_priority"]["low"]["p95_ms"],
         "high_share_overload": args.high_shares[0],
+        "high_share_within_bound_simulated": share_bound,
         "priorities_by_high_share": shares,
         "priorities_by_high_share_cdf": {str(sh): run["by_priority"]["high"]["cdf_ms"] for sh, run in by_share.items()
                                          if sh != args.high_shares[0]},

@@ -59,3 +59,34 @@ def simulate_lane(items_per_s_by_batch: dict, jobs_per_s: float, max_batch: int,
     times.sort()
     return {"p50_ms": round(1000 * times[len(times) // 2], 2), "p95_ms": round(1000 * times[int(len(times) * 0.95)], 2),
             "mean_ms": round(1000 * sum(times) / len(times), 3), "busy": round(busy / free, 3)}
+
+
+def largest_share(items_per_s_by_batch: dict, jobs_per_s: float, bound_ms: float, max_batch: int,
+                  step: float = 0.005) -> float:
+    """The largest share of ``jobs_per_s`` (to ``step``) that, sent as ``high`` jobs, keeps the
+    simulated lane's p95 within ``bound_ms``: an upper limit on the shares for which any worker with
+    this model on these cores can meet the bound, since a real one adds the submit, the fetch, the
+    claim and the store. 0.0 when even the smallest share does not.
+
+    >>> largest_share({1: 100.0, 2: 150.0}, 100.0, bound_ms=20.0, max_batch=2)  # one job alone: 10 ms
+    0.355
+    >>> largest_share({1: 100.0}, 100.0, bound_ms=9.0, max_batch=1)  # a batch of one takes longer
+    0.0
+    """
+    if jobs_per_s <= 0 or bound_ms <= 0 or not 0 < step < 1:
+        raise ValueError("jobs_per_s and bound_ms must be > 0, and step between 0 and 1")
+
+    def within(share: float) -> bool:
+        return simulate_lane(items_per_s_by_batch, jobs_per_s * share, max_batch, jobs=20_000)["p95_ms"] <= bound_ms
+
+    lo, hi = 0, int(round(1 / step)) - 1  # in steps; lo is within (or 0), hi + 1 is not tried
+    if not within(step):
+        return 0.0
+    lo = 1
+    while lo < hi:  # the simulated p95 grows with the share: bisect for the last share within
+        mid = (lo + hi + 1) // 2
+        if within(mid * step):
+            lo = mid
+        else:
+            hi = mid - 1
+    return round(lo * step, 6)

@@ -201,6 +201,25 @@ def test_the_lane_is_simulated_as_a_batching_queue_on_the_limit_runs_batch_times
         simulate_lane(rates, 0, max_batch=4)
 
 
+def test_the_largest_high_share_the_lane_allows_is_where_its_simulated_p95_reaches_the_bound():
+    import doctest
+
+    from bench import queueing
+    from bench.queueing import largest_share, simulate_lane
+
+    assert doctest.testmod(queueing).failed == 0
+    rates = {"1": 100.0, "2": 160.0, "4": 200.0}
+    share = largest_share(rates, 200.0, bound_ms=25.0, max_batch=4)
+    assert 0 < share < 1
+    # within the bound at that share, past it one step on (the same 20,000 arrivals it bisects on)
+    assert simulate_lane(rates, 200.0 * share, 4, jobs=20_000)["p95_ms"] <= 25.0
+    assert simulate_lane(rates, 200.0 * (share + 0.005), 4, jobs=20_000)["p95_ms"] > 25.0
+    assert largest_share(rates, 200.0, bound_ms=40.0, max_batch=4) > share  # a looser bound allows more
+    assert largest_share(rates, 200.0, bound_ms=9.0, max_batch=4) == 0.0  # one job alone takes 10 ms
+    with pytest.raises(ValueError):
+        largest_share(rates, 200.0, bound_ms=0, max_batch=4)
+
+
 def test_saturation_from_several_load_generators_counts_every_job(monkeypatch):
     """Where the service cores allow, ``saturate`` submits from several bench/loadgen.py processes.
     Each one's list of arrivals here is longer than a pipe holds (64 KiB), which uvloop 0.23 cut
