@@ -17,7 +17,8 @@ For each model, on this machine, in one run:
    high at idle (as many, one at a time, each timed to its result being stored, as the overload
    runs time theirs); then again with 10% and 5% high (``--high-shares``; the quick mode runs 20% only);
    beside each, the lane simulated at that share on the limit run's batch times (bench/queueing.py:
-   the queueing alone);
+   the queueing alone), and the largest share for which that lane alone keeps high within 2x its
+   idle p95 (``high_share_within_bound_simulated``: above it no worker on these cores can);
 6. adaptive vs fixed batching: on the same worker (``celery control set_batching``), items/s at
    saturation and the idle overhead for adaptive batching and for fixed settings: the entry's
    max_batch_size, and the limit run's best batch size, each with the entry's max_wait_ms and with 0.

@@ -79,11 +79,8 @@ def largest_share(items_per_s_by_batch: dict, jobs_per_s: float, bound_ms: float
     def within(share: float) -> bool:
         return simulate_lane(items_per_s_by_batch, jobs_per_s * share, max_batch, jobs=20_000)["p95_ms"] <= bound_ms
 
-    lo, hi = 0, int(round(1 / step)) - 1  # in steps; lo is within (or 0), hi + 1 is not tried
-    if not within(step):
-        return 0.0
-    lo = 1
-    while lo < hi:  # the simulated p95 grows with the share: bisect for the last share within
+    lo, hi = 0, int(round(1 / step)) - 1  # in steps: lo is within (0: none is), above hi is not
+    while lo < hi:  # the simulated p95 grows with the share: bisect for the last step within
         mid = (lo + hi + 1) // 2
         if within(mid * step):
             lo = mid
