@@ -401,12 +401,13 @@ def batching_settings(spec, best_batch: int) -> list[tuple[str, int, float]]:
 
 def compare_batching(driver, env: dict, spec, lim: dict, quick: bool, metrics_url: str | None = None) -> list[dict]:
     """Items/s at saturation and idle overhead for each batching setting, on the running worker.
-    Settings take turns, in rounds (the order rotating each round, so that with as many rounds as
-    settings each runs once in every place), and each row reports the median of its rounds and,
+    Settings take turns, in rounds (the order rotating each round, so that in every ``len(settings)``
+    rounds each runs once in every place), and each row reports the median of its rounds and,
     round by round, adaptive's items/s over its own: on a shared machine, speed drifts by 10%
-    within minutes, more than the settings differ, and the turns of one round are seconds apart."""
+    within minutes, more than the settings differ, and the turns of one round are seconds apart.
+    The full mode runs the rotation twice (at least 8 rounds): with one, runs split both ways."""
     settings = batching_settings(spec, lim["best_batch"])
-    rounds = 1 if quick else max(4, len(settings))  # (quick: the whole run stays under 5 minutes)
+    rounds = 1 if quick else 2 * max(4, len(settings))  # (quick: the whole run stays under 5 minutes)
     n_sat = max(40, int(lim["limit_items_per_s"] * (3 if quick else 6)))
     n_idle = 8 if quick else 20
     runs: dict[tuple, dict[str, list]] = {key: {"items_per_s": [], "idle_ms": [], "mean_batch": []} for key in settings}
@@ -430,20 +431,25 @@ def compare_batching(driver, env: dict, spec, lim: dict, quick: bool, metrics_ur
 def summarise_comparison(settings: list[tuple], runs: dict[tuple, dict[str, list]], n_sat: int) -> list[dict]:
     """One row per setting: the median of its rounds, and ``adaptive_vs_this``, the median over
     rounds of adaptive's items/s over this setting's in the same round (the first setting is
-    adaptive's; each round's turns are its own, so the machine's drift between rounds cancels).
+    adaptive's; each round's turns are its own, so the machine's drift between rounds cancels),
+    with ``adaptive_ahead_rounds``, in how many of those rounds adaptive's items/s was the higher.
 
     >>> s = [("adaptive", 64, 10.0), ("fixed", 64, 0.0)]
     >>> rows = summarise_comparison(s, {s[0]: {"items_per_s": [100, 200, 300], "idle_ms": [1.0]},
     ...                                 s[1]: {"items_per_s": [110, 190, 310], "idle_ms": [2.0]}}, 50)
-    >>> [(r["items_per_s"], r["adaptive_vs_this"]) for r in rows]
-    [(200, 1.0), (190, 0.968)]
+    >>> [(r["items_per_s"], r["adaptive_vs_this"], r["adaptive_ahead_rounds"]) for r in rows[1:]]
+    [(190, 0.968, 1)]
     """
     adaptive = runs[settings[0]]["items_per_s"]
+
+    def ratios(key: tuple) -> list[float]:
+        return [a / b for a, b in zip(adaptive, runs[key]["items_per_s"]) if b]
+
     return [{"batching": mode, "max_batch_size": size, "max_wait_ms": wait,
              "items_per_s": round(statistics.median(runs[(mode, size, wait)]["items_per_s"]), 2),
              "items_per_s_rounds": runs[(mode, size, wait)]["items_per_s"],
-             "adaptive_vs_this": round(statistics.median(
-                 a / b for a, b in zip(adaptive, runs[(mode, size, wait)]["items_per_s"]) if b), 3),
+             "adaptive_vs_this": round(statistics.median(ratios((mode, size, wait))), 3),
+             "adaptive_ahead_rounds": sum(r > 1 for r in ratios((mode, size, wait))),
              "mean_batch_rounds": runs[(mode, size, wait)].get("mean_batch", []),
              "idle_overhead_ms_p50": pct(runs[(mode, size, wait)]["idle_ms"], 50), "jobs_per_round": n_sat}
             for mode, size, wait in settings]

@@ -115,6 +115,7 @@ def test_adaptive_is_compared_round_by_round_so_the_machines_drift_cancels():
     assert [r["items_per_s"] for r in rows] == [300.0, 210.0]  # medians: adaptive far ahead
     assert rows[0]["adaptive_vs_this"] == 1.0
     assert rows[1]["adaptive_vs_this"] == pytest.approx(200 / 210, abs=0.001)  # but behind in 2 of 3 rounds
+    assert rows[1]["adaptive_ahead_rounds"] == 1 and rows[0]["adaptive_ahead_rounds"] == 0
     assert rows[1]["items_per_s_rounds"] == [420.0, 210.0, 210.0] and rows[1]["jobs_per_round"] == 100
     assert rows[0]["idle_overhead_ms_p50"] == 2.0
     assert rows[0]["mean_batch_rounds"] == [59.1, 60.5, 64.0] and rows[1]["mean_batch_rounds"] == []
