@@ -255,14 +255,21 @@ class AdaptiveBatcher:
         self._last: float | None = None
         self._explore_up = True
         self._urgent_until = float("-inf")
+        #: What was learnt of sizes above a lowered limit, (cost, samples) by size: back when it rises.
+        self._kept: dict[int, tuple[float, int]] = {}
 
     def resized(self, max_size: int, processes: int | None = None) -> "AdaptiveBatcher":
-        """A batcher for a new ``max_size`` that keeps what this one learnt of the sizes both have
-        (a size's cost does not depend on the limit), its arrival rate and its urgency."""
+        """A batcher for a new ``max_size`` that keeps what this one learnt of every size (a size's
+        cost does not depend on the limit; sizes the new limit excludes come back when it is raised
+        again, so that switching to a small fixed limit and back does not relearn them), its
+        arrival rate and its urgency."""
         other = AdaptiveBatcher(max_size, self.processes if processes is None else processes)
-        for size in other.sizes:
-            if size in self.cost:
-                other.cost[size], other.samples[size] = self.cost[size], self.samples[size]
+        learnt = {**self._kept, **{s: (c, self.samples[s]) for s, c in self.cost.items()}}
+        for size, (cost, samples) in learnt.items():
+            if size in other.samples:
+                other.cost[size], other.samples[size] = cost, samples
+            else:
+                other._kept[size] = (cost, samples)
         other.batches = sum(other.samples.values())
         other.gap = self.gap
         other._arrival_gap, other._last, other._urgent_until = self._arrival_gap, self._last, self._urgent_until

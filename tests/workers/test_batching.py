@@ -259,5 +259,22 @@ def test_a_new_size_limit_keeps_what_was_learnt_of_the_sizes_both_limits_allow()
     assert smaller.cost == {s: b.cost[s] for s in smaller.sizes} and smaller.best() == 16
     assert smaller.target(available=100) == 16  # no relearning of sizes it has measured
     bigger = smaller.resized(128)
-    assert bigger.samples[32] == 0 and bigger.samples[128] == 0
-    assert bigger.target(available=200) == 32  # a size it never measured is tried first
+    assert bigger.samples[128] == 0
+    # 32 and 64, learnt under the first limit, are back: only 128 is new, and tried first
+    assert bigger.cost[32] == b.cost[32] and bigger.samples[64] == b.samples[64] == 4
+    assert bigger.target(available=200) == 128
+
+
+def test_switching_to_a_small_fixed_limit_and_back_does_not_relearn_the_larger_sizes():
+    """``make bench`` (and an operator) switches a worker to fixed 4 and back to adaptive 16: the
+    batcher used to forget 8 and 16 on the way down and spend its next batches relearning them."""
+    from workers.batching import AdaptiveBatcher
+
+    b = AdaptiveBatcher(max_size=16)
+    for size, ms in [(1, 50), (2, 84), (4, 144), (8, 360), (16, 800)] * 3:  # a CNN: 4 is the cheapest per image
+        b.record(size, ms / 1000)
+    assert b.best() == 4
+    back = b.resized(4).resized(16)
+    assert back.cost == b.cost and back.samples == b.samples
+    assert [back.target(available=100) for _ in range(10)] == [4] * 10
+    assert AdaptiveBatcher(16).target(available=100) == 1  # (a new one learns from the smallest size)
