@@ -7,7 +7,12 @@ For each model, on this machine, in one run:
    (each size's median of three rounds; one in the quick mode); the best items/s. On the device a
    worker picks: CUDA when torch sees a GPU (the entry's ``device`` or ``DEVICE`` can say otherwise);
 2. ours: Redis, the API (gunicorn) and one batching worker, driven over HTTP (submit, long-poll):
-   after a warm-up burst (adaptive batching learns on it), items/s at saturation, then latency p50/p95/p99 under open-loop (Poisson) load at 25/50/90% of it;
+   after a warm-up burst (adaptive batching learns on it), items/s at saturation in five rounds (one
+   in the quick mode), each beside a window of the limit's best batch size run alone again (the
+   order swapped every other round): ``ours_vs_limit`` is the median of the rounds' ratios,
+   ``limit_items_per_s`` and ``ours_items_per_s`` the medians of each side's rounds (the ladder's
+   own figure is under ``limit``); then latency p50/p95/p99 under open-loop (Poisson) load at
+   25/50/90% of our rate;
 3. naive Celery: one task per job (bench/naive.py, Celery's defaults), same model, same Redis, one
    worker process, driven with Celery's own client (no HTTP: that favours naive): items/s and the
    latency at the same absolute loads;
@@ -97,25 +102,28 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 # -- 1. the limit -------------------------------------------------------------------------------
-def limit(model: str, threads: int, seconds: float, rounds: int = 1) -> dict:
-    """In a child process on the model cores: items/s at each batch size, and single-item times."""
-    out = subprocess.run([sys.executable, __file__, "--limit-of", model, "--threads", str(threads),
-                          "--seconds", str(seconds), "--rounds", str(rounds)], capture_output=True, text=True,
-                         cwd=ROOT, preexec_fn=lambda: os.sched_setaffinity(0, MODEL_CORES))
+def limit(model: str, threads: int, seconds: float, rounds: int = 1, sizes: list[int] | None = None) -> dict:
+    """In a child process on the model cores: items/s at each batch size (or only ``sizes``), and
+    single-item times."""
+    cmd = [sys.executable, __file__, "--limit-of", model, "--threads", str(threads), "--seconds", str(seconds),
+           "--rounds", str(rounds)] + (["--sizes", ",".join(map(str, sizes))] if sizes else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                         preexec_fn=lambda: os.sched_setaffinity(0, MODEL_CORES))
     if out.returncode != 0:
         raise RuntimeError(f"limit run for {model} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def limit_child(model: str, threads: int, seconds: float, rounds: int = 1) -> dict:
-    """Each batch size for ``seconds``, in ``rounds`` rounds (the order reversed every other round);
-    a size's items/s is the median of its rounds. The best of single windows would favour whichever
-    size the machine's drift caught on a fast second: the sizes near the best differ by less than
-    this machine's noise."""
+def limit_child(model: str, threads: int, seconds: float, rounds: int = 1, sizes: list[int] | None = None) -> dict:
+    """Each batch size (up to the entry's max_batch_size, or ``sizes``) for ``seconds``, in ``rounds``
+    rounds (the order reversed every other round); a size's items/s is the median of its rounds. The
+    best of single windows would favour whichever size the machine's drift caught on a fast second:
+    the sizes near the best differ by less than this machine's noise."""
     spec, runner, _load_s = load_runner(str(ROOT / "models.toml"), model, threads)
-    items = inputs_for(spec, spec.max_batch_size)
-    runner(items[:2])
-    sizes = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s <= spec.max_batch_size]
+    sizes = sizes or [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s <= spec.max_batch_size]
+    items = inputs_for(spec, max(sizes))
+    for size in sizes:  # each shape once before any is timed
+        runner(items[:size])
     windows: dict[int, list[float]] = {size: [] for size in sizes}
     single_ms: list[float] = []
     for r in range(rounds):
@@ -304,6 +312,46 @@ def saturate(driver, n: int, threads: int = 16) -> dict:
     seconds = last - start
     return {"jobs": n, "seconds": round(seconds, 2), "items_per_s": round(n / seconds, 2),
             "failed": done.count(None), "submit_s": round(submitted, 2), "core_busy": cpu_busy(cpu0, cpu_times())}
+
+
+def side_by_side(model: str, threads: int, batch: int, driver, n: int, rounds: int, seconds: float,
+                 metrics_url: str | None = None) -> dict:
+    """The limit (the model alone at ``batch``, ``seconds``) and ours at saturation (``n`` jobs) in
+    turns, ``rounds`` times, the order swapped every other round. The limit's ladder runs minutes
+    before ours; the machine's speed drifts more than that between them (run S: ours 0.822x the
+    ladder at saturation, 0.902x in the batching comparison on the same worker minutes later)."""
+    pairs = []
+    for r in range(rounds):
+        pair: dict = {}
+        for part in ("limit", "ours") if r % 2 == 0 else ("ours", "limit"):
+            if part == "limit":
+                pair["limit_items_per_s"] = limit(model, threads, seconds, sizes=[batch])["limit_items_per_s"]
+            else:
+                before = scrape(metrics_url) if metrics_url else None
+                pair["ours"] = saturate(driver, n)
+                if metrics_url:
+                    pair["ours"]["worker"] = worker_between(before, scrape(metrics_url))
+        pairs.append(pair)
+        say(f"{model}: round {r + 1} of {rounds}: limit {pair['limit_items_per_s']} items/s, "
+            f"ours {pair['ours']['items_per_s']} ({pair['ours']['items_per_s'] / pair['limit_items_per_s']:.3f}x)")
+    return summarise_side_by_side(pairs, batch)
+
+
+def summarise_side_by_side(pairs: list[dict], batch: int) -> dict:
+    """Medians of the limit's and our rounds, and of the rounds' ratios (each round's pair ran within
+    seconds of each other).
+
+    >>> s = summarise_side_by_side([{"limit_items_per_s": 300, "ours": {"items_per_s": 270}},
+    ...                             {"limit_items_per_s": 250, "ours": {"items_per_s": 240}},
+    ...                             {"limit_items_per_s": 320, "ours": {"items_per_s": 250}}], batch=32)
+    >>> s["limit_items_per_s"], s["ours_items_per_s"], s["ours_vs_limit"], s["ratio_rounds"]
+    (300, 250, 0.9, [0.9, 0.96, 0.781])
+    """
+    ratios = [round(p["ours"]["items_per_s"] / p["limit_items_per_s"], 3) for p in pairs]
+    return {"batch": batch, "limit_items_per_s": statistics.median(p["limit_items_per_s"] for p in pairs),
+            "ours_items_per_s": statistics.median(p["ours"]["items_per_s"] for p in pairs),
+            "ours_vs_limit": statistics.median(ratios), "ratio_rounds": ratios,
+            "limit_rounds": [p["limit_items_per_s"] for p in pairs], "ours_rounds": [p["ours"] for p in pairs]}
 
 
 def open_loop(driver, rate: float, seconds: float, priorities=(("normal", 1.0),), seed: int = 1) -> dict:
@@ -523,14 +571,14 @@ def bench_model(model: str, args, work: Path) -> dict:
         # batch sizes on a backlog (a few hundred jobs), and the measurement is of the learnt state.
         warm = saturate(ours, max(30, int(lim["limit_items_per_s"] * (1.5 if quick else 4))))
         say(f"{model}: warm-up burst of {warm['jobs']} jobs: {warm['items_per_s']} items/s")
-        n_sat = max(50, int(lim["limit_items_per_s"] * (6 if quick else 25)))
-        say(f"{model}: ours at saturation ({n_sat} jobs)")
-        before = scrape(metrics_url)
-        sat = saturate(ours, n_sat)
-        after = scrape(metrics_url)
-        sat["worker"] = worker_between(before, after)
-        rate = sat["items_per_s"]
-        say(f"{model}: ours {rate} items/s ({rate / lim['limit_items_per_s']:.2f} x the limit); {sat}")
+        n_sat = max(50, int(lim["limit_items_per_s"] * (6 if quick else 25)))  # the jobs ours runs at saturation
+        rounds = 1 if quick else 5
+        say(f"{model}: ours at saturation against the limit at batch {lim['best_batch']}, in {rounds} round(s) "
+            f"of {n_sat // rounds} jobs")
+        side = side_by_side(model, threads, lim["best_batch"], ours, n_sat // rounds, rounds,
+                            1.0 if quick else 5.0, metrics_url)
+        rate = side["ours_items_per_s"]
+        say(f"{model}: ours {rate} items/s, {side['ours_vs_limit']} x the limit (median of the rounds' ratios)")
         window = 5.0 if quick else 30.0  # (quick: 6 s windows took 273.3 and 296.9 s in all, near the 5 minutes)
         ours_loads = {}
         for f in LOADS:
@@ -599,10 +647,11 @@ def bench_model(model: str, args, work: Path) -> dict:
             proc.stop()
 
     result.update({
-        "limit_items_per_s": lim["limit_items_per_s"],
+        "limit_items_per_s": side["limit_items_per_s"],
         "ours_items_per_s": rate,
         "naive_items_per_s": naive_sat["items_per_s"],
-        "ours_vs_limit": round(rate / lim["limit_items_per_s"], 3),
+        "ours_vs_limit": side["ours_vs_limit"],
+        "ours_vs_limit_ladder": round(rate / lim["limit_items_per_s"], 3),
         "ours_vs_naive": round(rate / naive_sat["items_per_s"], 2),
         "idle_e2e_ms_p50": pct(idle, 50),
         "idle_overhead_ms_p50": pct(overhead, 50),
@@ -616,7 +665,7 @@ def bench_model(model: str, args, work: Path) -> dict:
         "priorities_by_high_share": shares,
         "priorities_by_high_share_cdf": {str(sh): run["by_priority"]["high"]["cdf_ms"] for sh, run in by_share.items()
                                          if sh != args.high_shares[0]},
-        "ours_warm_up": warm, "ours_saturation": sat, "naive_saturation": naive_sat, "batching_comparison": comparison,
+        "ours_warm_up": warm, "ours_against_the_limit": side, "naive_saturation": naive_sat, "batching_comparison": comparison,
         "ours_latency_by_load": ours_loads, "naive_latency_by_load": naive_loads, "overload": overload,
     })
     return result
@@ -760,11 +809,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=3.0, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", type=lambda t: [int(x) for x in t.split(",")], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.high_shares is None:
         args.high_shares = [0.2] if args.quick else [0.2, 0.1, 0.05]
     if args.limit_of:
-        print(json.dumps(limit_child(args.limit_of, args.threads, args.seconds, args.rounds)))
+        print(json.dumps(limit_child(args.limit_of, args.threads, args.seconds, args.rounds, args.sizes)))
         return
     from models.registry import Registry
 

@@ -121,6 +121,30 @@ def test_adaptive_is_compared_round_by_round_so_the_machines_drift_cancels():
     assert rows[0]["mean_batch_rounds"] == [59.1, 60.5, 64.0] and rows[1]["mean_batch_rounds"] == []
 
 
+def test_ours_and_the_limit_run_in_turns_and_ours_vs_the_limit_is_the_median_of_the_rounds_ratios(monkeypatch):
+    """The limit at the ladder's best batch, run alone again beside each of our saturation rounds,
+    the order swapped every other round; the machine slows down in the middle round, for both."""
+    calls = []
+    limits, ours = iter([300.0, 200.0, 310.0]), iter([270.0, 190.0, 250.0])
+
+    def alone(model, threads, seconds, sizes):
+        calls.append(("limit", sizes))
+        return {"limit_items_per_s": next(limits)}
+
+    def saturated(driver, n):
+        calls.append(("ours", n))
+        return {"items_per_s": next(ours)}
+
+    monkeypatch.setattr(bench, "limit", alone)
+    monkeypatch.setattr(bench, "saturate", saturated)
+    out = bench.side_by_side("minilm", 1, 32, Delayed(0), 500, rounds=3, seconds=5.0)
+    assert calls == [("limit", [32]), ("ours", 500), ("ours", 500), ("limit", [32]), ("limit", [32]), ("ours", 500)]
+    assert out["ratio_rounds"] == [0.9, 0.95, 0.806] and out["ours_vs_limit"] == 0.9
+    # ours's median over the limit's median would say 0.833: the slow round's pair counts as a pair
+    assert out["limit_items_per_s"] == 300.0 and out["ours_items_per_s"] == 250.0 and out["batch"] == 32
+    assert [r["items_per_s"] for r in out["ours_rounds"]] == [270.0, 190.0, 250.0]
+
+
 def test_the_benchs_doctests():
     import doctest
 
