@@ -7,9 +7,9 @@ For each model, on this machine, in one run:
    (each size's median of three rounds; one in the quick mode); the best items/s. On the device a
    worker picks: CUDA when torch sees a GPU (the entry's ``device`` or ``DEVICE`` can say otherwise);
 2. ours: Redis, the API (gunicorn) and one batching worker, driven over HTTP (submit, long-poll):
-   after a warm-up burst (adaptive batching learns on it), items/s at saturation in five rounds (one
-   in the quick mode), each beside a window of the limit's best batch size run alone again (the
-   order swapped every other round): ``ours_vs_limit`` is the median of the rounds' ratios,
+   after a warm-up burst (adaptive batching learns on it), items/s at saturation in five rounds,
+   each beside a window of the limit's best batch size run alone again (the order swapped every
+   other round; the quick mode runs one round, beside the ladder's figure): ``ours_vs_limit`` is the median of the rounds' ratios,
    ``limit_items_per_s`` and ``ours_items_per_s`` the medians of each side's rounds (the ladder's
    own figure is under ``limit``); then latency p50/p95/p99 under open-loop (Poisson) load at
    25/50/90% of our rate;
@@ -315,16 +315,20 @@ def saturate(driver, n: int, threads: int = 16) -> dict:
 
 
 def side_by_side(model: str, threads: int, batch: int, driver, n: int, rounds: int, seconds: float,
-                 metrics_url: str | None = None) -> dict:
+                 metrics_url: str | None = None, first_limit: float | None = None) -> dict:
     """The limit (the model alone at ``batch``, ``seconds``) and ours at saturation (``n`` jobs) in
     turns, ``rounds`` times, the order swapped every other round. The limit's ladder runs minutes
     before ours; the machine's speed drifts more than that between them (run S: ours 0.822x the
-    ladder at saturation, 0.902x in the batching comparison on the same worker minutes later)."""
+    ladder at saturation, 0.902x in the batching comparison on the same worker minutes later).
+    ``first_limit``: the first round's limit, already measured (the quick mode's ladder, seconds
+    before: another child would load the model again, 10 s of a mode that must stay short)."""
     pairs = []
     for r in range(rounds):
         pair: dict = {}
         for part in ("limit", "ours") if r % 2 == 0 else ("ours", "limit"):
-            if part == "limit":
+            if part == "limit" and r == 0 and first_limit is not None:
+                pair["limit_items_per_s"] = first_limit
+            elif part == "limit":
                 pair["limit_items_per_s"] = limit(model, threads, seconds, sizes=[batch])["limit_items_per_s"]
             else:
                 before = scrape(metrics_url) if metrics_url else None
@@ -575,8 +579,8 @@ def bench_model(model: str, args, work: Path) -> dict:
         rounds = 1 if quick else 5
         say(f"{model}: ours at saturation against the limit at batch {lim['best_batch']}, in {rounds} round(s) "
             f"of {n_sat // rounds} jobs")
-        side = side_by_side(model, threads, lim["best_batch"], ours, n_sat // rounds, rounds,
-                            1.0 if quick else 5.0, metrics_url)
+        side = side_by_side(model, threads, lim["best_batch"], ours, n_sat // rounds, rounds, 5.0, metrics_url,
+                            first_limit=lim["limit_items_per_s"] if quick else None)
         rate = side["ours_items_per_s"]
         say(f"{model}: ours {rate} items/s, {side['ours_vs_limit']} x the limit (median of the rounds' ratios)")
         window = 5.0 if quick else 30.0  # (quick: 6 s windows took 273.3 and 296.9 s in all, near the 5 minutes)

@@ -144,6 +144,12 @@ def test_ours_and_the_limit_run_in_turns_and_ours_vs_the_limit_is_the_median_of_
     assert out["limit_items_per_s"] == 300.0 and out["ours_items_per_s"] == 250.0 and out["batch"] == 32
     assert [r["items_per_s"] for r in out["ours_rounds"]] == [270.0, 190.0, 250.0]
 
+    # the quick mode: one round, its limit the ladder's figure just measured; no second child
+    calls.clear()
+    ours = iter([280.0])
+    out = bench.side_by_side("minilm", 1, 32, Delayed(0), 500, rounds=1, seconds=1.0, first_limit=320.0)
+    assert calls == [("ours", 500)] and out["limit_items_per_s"] == 320.0 and out["ours_vs_limit"] == 0.875
+
 
 def test_the_benchs_doctests():
     import doctest
