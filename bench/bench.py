@@ -9,10 +9,10 @@ For each model, on this machine, in one run:
 2. ours: Redis, the API (gunicorn) and one batching worker, driven over HTTP (submit, long-poll):
    after a warm-up burst (adaptive batching learns on it), items/s at saturation in five rounds,
    each beside a window of the limit's best batch size run alone again (the order swapped every
-   other round; the quick mode runs one round, beside the ladder's figure): ``ours_vs_limit`` is the median of the rounds' ratios,
-   ``limit_items_per_s`` and ``ours_items_per_s`` the medians of each side's rounds (the ladder's
-   own figure is under ``limit``); then latency p50/p95/p99 under open-loop (Poisson) load at
-   25/50/90% of our rate;
+   other round; the quick mode runs one round, beside the ladder's figure): ``ours_vs_limit`` is
+   the median of the rounds' ratios, ``limit_items_per_s`` and ``ours_items_per_s`` the medians of
+   each side's rounds (the ladder's own figure is under ``limit``); then latency p50/p95/p99 under
+   open-loop (Poisson) load at 25/50/90% of our rate;
 3. naive Celery: one task per job (bench/naive.py, Celery's defaults), same model, same Redis, one
    worker process, driven with Celery's own client (no HTTP: that favours naive): items/s and the
    latency at the same absolute loads;
