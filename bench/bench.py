@@ -777,6 +777,13 @@ def _number_arg(cast, ok, need: str):
 
 #: ``--concurrency``, ``--max-batch-size``
 count_arg = _number_arg(int, lambda v: v >= 1, "a whole number of at least 1")
+
+
+def sizes_arg(text: str) -> list[int]:
+    """``--sizes`` (the limit's child): batch sizes, comma-separated, each a count."""
+    return [count_arg(part) for part in text.split(",")]
+
+
 #: ``--max-wait-ms``: milliseconds, finite (NaN fails the comparison)
 wait_arg = _number_arg(float, lambda v: 0 <= v < float("inf"), "0 or more milliseconds")
 
@@ -813,7 +820,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=3.0, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--sizes", type=lambda t: [int(x) for x in t.split(",")], help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", type=sizes_arg, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.high_shares is None:
         args.high_shares = [0.2] if args.quick else [0.2, 0.1, 0.05]

@@ -30,6 +30,10 @@ def test_counts_and_waits_are_checked_before_anything_starts():
     for bad in ("-1", "nan", "inf", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench.wait_arg(bad)
+    assert bench.sizes_arg("64") == [64] and bench.sizes_arg("1,32") == [1, 32]
+    for bad in ("0", "4,-2", "4,", "x"):  # the limit's child: no size 0 (0 items/s) or below (negative rates)
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.sizes_arg(bad)
 
 
 def test_a_terminated_run_goes_through_its_cleanup():
