@@ -36,39 +36,47 @@ local function leave_waiting(st, model, priority)
 end
 """
 
-# KEYS[1] job hash. ARGV: now, worker, batch_size, max_deliveries, expired error, exhausted error.
-# -> {"run", attempts, inputs, created_at} | {"suspect", ...} | {"culprit", ...} | {"skip", status}
+# KEYS: the batch's job hashes. ARGV: now, worker, batch_size, max_deliveries, expired error,
+# exhausted error. -> one reply per key, in order:
+#    {"run", attempts, inputs, created_at} | {"suspect", ...} | {"culprit", ...} | {"skip", status}
 #    | {"expired"} | {"exhausted", attempts} | {"missing"}
 # "suspect": an earlier delivery started it and never finished (its process died) while it shared a
 # batch; "culprit": ... while it ran alone. Both are run alone from now on.
+# One call for the whole batch: a call per job cost the pool, on the model's core, a command to pack
+# and a reply to parse for each job.
 _CLAIM = _LEAVE_WAITING + """
-local f = redis.call('HMGET', KEYS[1], 'status', 'deadline', 'model', 'priority', 'alone')
-local st, deadline, model, priority, alone = f[1], f[2], f[3], f[4], f[5]
-if not st then return {'missing'} end
-if st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' then
-  return {'skip', st}
-end
-if deadline and deadline ~= '' and tonumber(deadline) < tonumber(ARGV[1]) then
-  redis.call('HSET', KEYS[1], 'status', 'expired', 'finished_at', deadline, 'error', ARGV[5])
+local function claim(key)
+  local f = redis.call('HMGET', key, 'status', 'deadline', 'model', 'priority', 'alone')
+  local st, deadline, model, priority, alone = f[1], f[2], f[3], f[4], f[5]
+  if not st then return {'missing'} end
+  if st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'expired' then
+    return {'skip', st}
+  end
+  if deadline and deadline ~= '' and tonumber(deadline) < tonumber(ARGV[1]) then
+    redis.call('HSET', key, 'status', 'expired', 'finished_at', deadline, 'error', ARGV[5])
+    leave_waiting(st, model, priority)
+    return {'expired'}
+  end
+  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
   leave_waiting(st, model, priority)
-  return {'expired'}
+  if attempts > tonumber(ARGV[4]) then
+    redis.call('HSET', key, 'status', 'failed', 'finished_at', ARGV[1], 'error', ARGV[6])
+    return {'exhausted', attempts}
+  end
+  redis.call('HSET', key, 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2],
+             'batch_size', ARGV[3])
+  redis.call('HDEL', key, 'alone')
+  local more = redis.call('HMGET', key, 'inputs', 'created_at')
+  local inputs, created = more[1] or '', more[2] or ''
+  if st == 'running' then
+    if alone == '1' then return {'culprit', attempts, inputs, created} end
+    return {'suspect', attempts, inputs, created}
+  end
+  return {'run', attempts, inputs, created}
 end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-leave_waiting(st, model, priority)
-if attempts > tonumber(ARGV[4]) then
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error', ARGV[6])
-  return {'exhausted', attempts}
-end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2],
-           'batch_size', ARGV[3])
-redis.call('HDEL', KEYS[1], 'alone')
-local more = redis.call('HMGET', KEYS[1], 'inputs', 'created_at')
-local inputs, created = more[1] or '', more[2] or ''
-if st == 'running' then
-  if alone == '1' then return {'culprit', attempts, inputs, created} end
-  return {'suspect', attempts, inputs, created}
-end
-return {'run', attempts, inputs, created}
+local out = {}
+for i = 1, #KEYS do out[i] = claim(KEYS[i]) end
+return out
 """
 
 # KEYS[1] job hash. ARGV: now, error. -> 'now-cancelled', or the status it already had
@@ -382,11 +390,10 @@ class JobStore:
         exhausted = json.dumps({"type": "TooManyDeliveries",
                                 "message": f"delivered more than {max_deliveries} times without finishing; "
                                            "not trying again"})
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in job_ids:
-            self._claim(keys=[self.key(job_id)], client=pipe,
-                        args=[now, worker, batch_size, max_deliveries, json.dumps(EXPIRED), exhausted])
-        rows = pipe.execute()
+        if not job_ids:
+            return []
+        rows = self._claim(keys=[self.key(job_id) for job_id in job_ids],
+                           args=[now, worker, batch_size, max_deliveries, json.dumps(EXPIRED), exhausted])
         if inputs is not None:
             for job_id, row in zip(job_ids, rows):
                 if len(row) > 2 and row[2]:
