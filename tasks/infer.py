@@ -66,7 +66,22 @@ def _send_received(hostname: str, request) -> None:
     """``task-received``, sent with the batch's ``task-started`` events (one message) rather than by
     the main process as it fetches: per job there, it cost a publish on the model's core."""
     _send(hostname, "task-received", uuid=request.id, name=request.name, args="()",
-          kwargs=saferepr(request.kwargs or {}, 1024), retries=0, eta=None, expires=None)
+          kwargs=_kwargs_text(request.kwargs or {}), retries=0, eta=None, expires=None)
+
+
+def _kwargs_text(kwargs: dict[str, Any], limit: int = 1024) -> str:
+    """A job's kwargs as Celery's events show them (a repr, cut at ``limit``). Our messages carry a
+    few short fields (the inputs are in the job's record), for which the built-in ``repr`` takes
+    0.45 µs against 13 for Celery's ``saferepr``, per job, on the model's core. (An older message
+    carried the inputs too: their repr is cut like a long result's.)
+
+    >>> _kwargs_text({"model": "minilm", "n_inputs": 1, "single": True})
+    "{'model': 'minilm', 'n_inputs': 1, 'single': True}"
+    >>> len(_kwargs_text({"inputs": ["x" * 5000]}))
+    1027
+    """
+    text = repr(kwargs)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _flush_events(hostname: str) -> None:
