@@ -63,6 +63,14 @@ TORCH_THREADS = _int("TORCH_THREADS", 0)
 URGENT_LANE = _int("URGENT_LANE", 1)
 if URGENT_LANE not in (0, 1):
     raise ValueError(f"URGENT_LANE must be 0 or 1, got {URGENT_LANE}")
+#: 1: a worker's processes keep the memory the model frees for the next batch (glibc's malloc
+#: would give it back and fault it in again each batch; see ``models.base.keep_freed_memory``);
+#: 0: glibc's defaults.
+KEEP_FREED_MEMORY = _int("KEEP_FREED_MEMORY", 1)
+if KEEP_FREED_MEMORY not in (0, 1):
+    raise ValueError(f"KEEP_FREED_MEMORY must be 0 or 1, got {KEEP_FREED_MEMORY}")
+
+
 def _probability(name: str) -> float:
     raw = os.environ.get(name, "") or "0"
     try:

@@ -80,15 +80,19 @@ def inputs_for(spec, n: int) -> list:
 
 
 def load_runner(models_file: str, name: str, threads: int):
-    """(spec, runner, load seconds): the model loaded as a worker's pool process loads it, on the
-    device a worker picks (the entry's ``device``, else ``DEVICE``: CUDA when torch sees one)."""
+    """(spec, runner, load seconds): the model loaded as a worker's pool process loads it (its
+    threads, its memory kept between batches with ``KEEP_FREED_MEMORY``), on the device a worker
+    picks (the entry's ``device``, else ``DEVICE``: CUDA when torch sees one)."""
+    import settings
     from models import build_runner, runner_class
-    from models.base import set_threads
+    from models.base import keep_freed_memory, set_threads
     from models.registry import Registry
 
     spec = Registry.from_file(models_file).get(name)
     runner_class(spec).preload()
     set_threads(threads)
+    if settings.KEEP_FREED_MEMORY:  # as a worker's pool process does: the limit runs as ours does
+        keep_freed_memory()
     runner = build_runner(spec)
     return spec, runner, runner.timed_load()
 

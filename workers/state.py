@@ -77,6 +77,10 @@ def runner():
 
                 served = len(load_registry().names())
                 threads = set_threads(threads_for(spec, served))
+                if settings.KEEP_FREED_MEMORY:
+                    from models.base import keep_freed_memory
+
+                    keep_freed_memory()
                 from models.exceptions import ConfigError
 
                 candidate = build_runner(spec)
