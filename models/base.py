@@ -41,10 +41,12 @@ def set_threads(threads: int) -> int:
 
 
 #: glibc's ``mallopt`` parameters (malloc.h) and what :func:`keep_freed_memory` sets them to.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -3, -4, -8
 _MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
 _TRIM_THRESHOLD = 2 ** 31 - 1
 _TOP_PAD = 64 * 1024 * 1024  # a thread's arena grows in heaps of 64 MiB; with less, an empty one is unmapped
+_MMAP_MAX = 0  # no block is mapped by itself (above the threshold too), where the heap can hold it
+_ARENA_MAX = 1  # threads made after the call share the main arena, whose heap has no 64 MiB limit
 
 
 def keep_freed_memory() -> bool:
@@ -59,9 +61,18 @@ def keep_freed_memory() -> bool:
     against 36.2 in the main thread. With blocks up to 32 MiB kept on the heap, the heap never
     trimmed and a top pad of 64 MiB: no faults in either, and the model ran 6 to 18% more texts a
     second (MiniLM), and as fast in the thread as in the main thread (efficientnet-lite0, 39.4
-    against 38.2 images/s). Larger blocks are still mapped afresh each time. The process keeps
-    its peak memory (which it reaches again on every full batch anyway). Returns False where
-    there is no glibc (musl, macOS): nothing changes there.
+    against 38.2 images/s).
+
+    Blocks above 32 MiB (glibc's largest threshold) were still mapped afresh each time:
+    efficientnet-lite0's batches of 8 faulted 13,700 to 27,000 pages each, of 16 up to 70,000 in
+    the main thread and 114,000 in a thread (28.9 images/s there). So no block is mapped by itself,
+    and threads started after this call share the main arena, which grows without a per-heap
+    limit (a thread's own heap cannot hold a block above 64 MiB, and glibc maps those whatever the
+    limit): batches of 8 and 16 then faulted almost nothing, in a thread too (43.4 and 39.2
+    images/s). Call it before the process starts its threads.
+
+    The process keeps its peak memory (which it reaches again on every full batch anyway). Returns
+    False where there is no glibc (musl, macOS): nothing changes there.
     """
     import ctypes
     import ctypes.util
@@ -72,8 +83,9 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
-                and mallopt(_M_TOP_PAD, _TOP_PAD))
+    return all(mallopt(param, value) for param, value in (
+        (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_TOP_PAD, _TOP_PAD),
+        (_M_MMAP_MAX, _MMAP_MAX), (_M_ARENA_MAX, _ARENA_MAX)))
 
 
 def check_state_dict(spec: ModelSpec, path: str, build) -> None:
