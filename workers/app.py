@@ -213,10 +213,6 @@ def _load_model(**_):
     high-priority job, not loading for it. A batch that comes first waits for the load."""
     from workers import state
 
-    if settings.KEEP_FREED_MEMORY:  # before the process starts a thread (see keep_freed_memory)
-        from models.base import keep_freed_memory
-
-        keep_freed_memory()
     state.load_in_background()
 
 

@@ -77,10 +77,7 @@ def runner():
 
                 served = len(load_registry().names())
                 threads = set_threads(threads_for(spec, served))
-                if settings.KEEP_FREED_MEMORY:
-                    from models.base import keep_freed_memory
-
-                    keep_freed_memory()
+                _keep_freed_memory()  # (pools without worker_process_init: else done already)
                 from models.exceptions import ConfigError
 
                 candidate = build_runner(spec)
@@ -103,11 +100,19 @@ def runner():
     return _runner
 
 
+def _keep_freed_memory() -> None:
+    if settings.KEEP_FREED_MEMORY:
+        from models.base import keep_freed_memory
+
+        keep_freed_memory()
+
+
 def load_in_background() -> threading.Thread | None:
     """Start loading the bound model in a thread of this process (none bound: nothing). A load
     that fails is logged; the first batch tries again, or fails with the configuration error."""
     if spec is None:
         return None
+    _keep_freed_memory()  # before this process's first thread (see models.base.keep_freed_memory)
 
     def load() -> None:
         try:
