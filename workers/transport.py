@@ -19,9 +19,11 @@ With :func:`enable` (a worker serving a model calls it):
   :data:`MALFORMED_KEY` with an error in the log; kombu's own path raises on it and stops the worker;
 * with :func:`reserve` (a worker with an urgent lane), the last part of the prefetch window is kept
   for the first priority step (``high``): once the rest is full, ``BRPOP`` reads only the ``high``
-  lists (with a short timeout, so other messages are read again as soon as acks make room) and a
-  fetch takes other messages only up to that point. Without it a backlog of ``low`` jobs fills the
-  window, and a ``high`` job stays in Redis until a batch finishes and is acked.
+  lists and a fetch takes other messages only up to that point. Without it a backlog of ``low`` jobs
+  fills the window, and a ``high`` job stays in Redis until a batch finishes and is acked. When a
+  batch's acks (:func:`acks_together`) make room, a ``CLIENT UNBLOCK`` ends that ``BRPOP`` at once,
+  and the next one reads all lists again. Before, that ``BRPOP`` timed out every 20 ms to look: 50
+  wake-ups a second of this process, on the model's core, whenever the window was full.
 
 Consumers that do not ack (``no_ack``) never reach this: the worker's task queues are the only
 ``BRPOP`` queues it enables it for. With a global key prefix kombu's own path is kept.
@@ -74,9 +76,10 @@ MALFORMED_KEY = "malformed-messages"
 #: The most messages one fetch takes beyond the BRPOP's (the prefetch window bounds it too).
 MAX_FETCH = 256
 
-#: While the window is full up to the reserve, BRPOP waits this long on the ``high`` lists alone
-#: before it reads all lists again (Redis takes fractions of a second).
-RESERVED_BRPOP_TIMEOUT_S = 0.02
+#: While the window is full up to the reserve, BRPOP waits at most this long on the ``high`` lists
+#: alone before it reads all lists again. Acks end it sooner (:func:`acks_together`); this bounds
+#: the wait when room comes another way (a message acked or rejected by itself, a failed unblock).
+RESERVED_BRPOP_TIMEOUT_S = 0.5
 
 _enabled = False
 _bursting = False
@@ -149,6 +152,42 @@ def acks_together(qos):
         if tags:
             with qos.channel.conn_or_acquire() as client:
                 client.pipeline().zrem(qos.unacked_index_key, *tags).hdel(qos.unacked_key, *tags).execute()
+            _end_reserved_brpop(qos.channel)
+
+
+def _end_reserved_brpop(channel) -> None:
+    """If ``channel``'s BRPOP reads the ``high`` lists alone and the window has room again, end it
+    now (``CLIENT UNBLOCK``: it returns as if timed out, and the next BRPOP reads all lists)."""
+    client_id = channel.__dict__.get("_reserved_brpop")
+    if client_id is None:
+        return
+    held, later_max = _reserved(channel.qos)
+    if later_max is not None and held >= later_max:
+        return
+    channel._reserved_brpop = None
+    try:
+        with channel.conn_or_acquire() as client:
+            client.client_unblock(client_id)
+    except Exception as exc:  # (a Redis that refuses CLIENT): the BRPOP's timeout ends it instead
+        log.debug("could not end the reserved BRPOP early: %s", exc)
+
+
+def _client_id(connection) -> int | None:
+    """The Redis client id of ``connection`` (asked once per socket: a reconnection gets a new one)."""
+    if getattr(connection, "_sock", None) is None:
+        connection.connect()
+    sock = connection._sock
+    known = connection.__dict__.get("_bulk_client_id")
+    if known is not None and known[0] is sock:
+        return known[1]
+    try:
+        connection.send_command("CLIENT", "ID")
+        client_id = int(connection.read_response())
+    except Exception as exc:
+        log.debug("no client id for the reserved BRPOP: %s", exc)
+        return None
+    connection._bulk_client_id = (sock, client_id)
+    return client_id
 
 
 def _readable(raw: bytes | str):
@@ -207,15 +246,17 @@ def install() -> None:
     brpop_start, brpop_read, append, ack = Channel._brpop_start, Channel._brpop_read, QoS.append, QoS.ack
 
     def _brpop_start(self, timeout=None):
-        """kombu's, but on the ``high`` lists alone (and briefly) once the window is full up to the
+        """kombu's, but on the ``high`` lists alone once the window is full up to the
         reserve (:func:`reserve`)."""
         held, later_max = _reserved(self.qos) if _enabled and not self.global_keyprefix else (0, None)
+        self._reserved_brpop = None
         if later_max is None or held < later_max:
             return brpop_start(self, timeout)
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
         keys = [self._q_for_pri(queue, self.priority_steps[0]) for queue in queues]
+        self._reserved_brpop = _client_id(self.client.connection)  # (acks end it: _end_reserved_brpop)
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
         self.client.connection.send_command("BRPOP", *keys, RESERVED_BRPOP_TIMEOUT_S)
@@ -223,6 +264,7 @@ def install() -> None:
     def _brpop_read(self, **options):
         """kombu's ``_brpop_read`` (same reply handling), then :func:`_fetch_more`, then delivery."""
         global _bursting
+        self._reserved_brpop = None
         if not _enabled or self.global_keyprefix:
             return brpop_read(self, **options)
         try:

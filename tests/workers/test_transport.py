@@ -133,3 +133,28 @@ def test_a_reserve_keeps_the_end_of_the_window_for_high_priority_messages(redis_
         assert [body["n"] for body, _ in got[8:]] == [5, 6, 7, 8, 9]
         ack_all(conn, got[8:])
         assert redis_client.hlen("unacked") == 0
+
+
+def test_acks_end_the_brpop_on_the_high_lists_at_once(redis_url, redis_client, reserved, monkeypatch):
+    import socket
+
+    # Only the acks can end that BRPOP within the test's waits: its own timeout is far beyond them.
+    monkeypatch.setattr(transport, "RESERVED_BRPOP_TIMEOUT_S", 30)
+    queue = Queue("bulk-unblock")
+    with Connection(redis_url, transport_options=OPTIONS) as conn:
+        publish(conn, queue, [({"n": i}, 9) for i in range(10)])
+        got = []
+        consume(conn, queue, 8, got)
+        conn.drain_events(timeout=5)
+        assert [body["n"] for body, _ in got] == [0, 1, 2, 3]
+        with pytest.raises(socket.timeout):  # the window is full up to the reserve: BRPOP on high alone
+            conn.drain_events(timeout=0.3)
+        assert any(c["cmd"] == "brpop" for c in redis_client.client_list())  # blocked there, for 30 s
+        ack_all(conn, got[:2])
+        conn.drain_events(timeout=5)  # the acks ended it; the next BRPOP read the low list
+        assert [body["n"] for body, _ in got[4:]] == [4, 5]
+        ack_all(conn, got[2:])
+        conn.drain_events(timeout=5)
+        assert [body["n"] for body, _ in got[6:]] == [6, 7, 8, 9]
+        ack_all(conn, got[6:])
+        assert redis_client.hlen("unacked") == 0
