@@ -69,7 +69,8 @@ def keep_freed_memory() -> bool:
     and threads started after this call share the main arena, which grows without a per-heap
     limit (a thread's own heap cannot hold a block above 64 MiB, and glibc maps those whatever the
     limit): batches of 8 and 16 then faulted almost nothing, in a thread too (43.4 and 39.2
-    images/s). Call it before the process starts its threads.
+    images/s). Call it before the process starts its threads, and before it forks: a thread's own
+    arena outlives a fork, and the child's threads allocate from it whatever the limit.
 
     The process keeps its peak memory (which it reaches again on every full batch anyway). Returns
     False where there is no glibc (musl, macOS): nothing changes there.

@@ -61,6 +61,10 @@ class ModelBinding(bootsteps.Step):
         from models import ConfigError, UnknownModel, load_registry, runner_class
         from workers import state
 
+        # Here, in the main process before it starts a thread: a thread's malloc arena outlives a fork,
+        # and the pool process's own threads would allocate from those (see state.keep_freed_memory).
+        state.keep_freed_memory()
+
         try:
             spec = load_registry().get(model)
             runner_class(spec).check_spec(spec)
