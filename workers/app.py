@@ -61,9 +61,15 @@ class ModelBinding(bootsteps.Step):
         from models import ConfigError, UnknownModel, load_registry, runner_class
         from workers import state
 
-        # Here, in the main process before it starts a thread: a thread's malloc arena outlives a fork,
-        # and the pool process's own threads would allocate from those (see state.keep_freed_memory).
-        state.keep_freed_memory()
+        if settings.KEEP_FREED_MEMORY:
+            # Once, here, in the main process before it starts a thread; its pool processes inherit it.
+            # Set in each pool process instead, it missed at times: a thread that allocated here first
+            # had a malloc arena of its own, the fork kept it, and the pool's batch thread allocated
+            # from it, mapping large blocks afresh each batch (efficientnet-lite0's batches of 16:
+            # about 7,000 faults a job, 23 images/s against 37; README, what changed after X).
+            from models.base import keep_freed_memory
+
+            keep_freed_memory()
 
         try:
             spec = load_registry().get(model)

@@ -77,7 +77,6 @@ def runner():
 
                 served = len(load_registry().names())
                 threads = set_threads(threads_for(spec, served))
-                keep_freed_memory()  # (pools without worker_process_init: else done already)
                 from models.exceptions import ConfigError
 
                 candidate = build_runner(spec)
@@ -100,26 +99,11 @@ def runner():
     return _runner
 
 
-def keep_freed_memory() -> None:
-    """``models.base.keep_freed_memory`` where ``KEEP_FREED_MEMORY`` is on. Called in the worker's main
-    process before it starts its threads, and again in each pool process as it starts (for pools
-    whose parent did not). A thread that allocated in the main process before the call has a malloc
-    arena of its own, a fork keeps it, and the pool process's threads then allocate from it instead
-    of the main arena: efficientnet-lite0's batches of 16 then faulted about 7,000 pages a job in the
-    urgent lane's batch thread, in two worker starts of three, and ran 22.7 to 23.6 images/s against
-    about 37 with the call in the main process as well (README, what changed after X)."""
-    if settings.KEEP_FREED_MEMORY:
-        from models.base import keep_freed_memory as keep
-
-        keep()
-
-
 def load_in_background() -> threading.Thread | None:
     """Start loading the bound model in a thread of this process (none bound: nothing). A load
     that fails is logged; the first batch tries again, or fails with the configuration error."""
     if spec is None:
         return None
-    keep_freed_memory()  # before this process's first thread (see models.base.keep_freed_memory)
 
     def load() -> None:
         try:
