@@ -28,8 +28,11 @@ from urllib.parse import urlparse
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import celeryconfig  # noqa: E402
-import settings  # noqa: E402
+try:
+    import celeryconfig  # noqa: E402
+    import settings  # noqa: E402
+except ValueError as exc:  # a setting out of its range (settings.py says which): before anything starts
+    sys.exit(f"error: {exc}")
 from models.registry import Registry  # noqa: E402
 
 VENV_BIN = ROOT / ".venv" / "bin"

@@ -146,3 +146,11 @@ def test_every_setting_in_the_readme_reaches_the_programs_make_up_starts():
     assert "URGENT_LANE" in names and len(names) > 20
     missing = sorted(n for n in names if n not in stack_script.FORWARDED and not re.search(rf"\b{n}\b", source))
     assert not missing, f"README settings that make up's programs never see: {missing}"
+
+
+def test_a_setting_out_of_range_is_refused_in_one_line_before_anything_starts(tmp_path):
+    out = subprocess.run([sys.executable, "scripts/stack.py", "up"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "KEEP_FREED_MEMORY": "2", "VAR_DIR": str(tmp_path / "var")})
+    assert out.returncode == 1
+    assert out.stderr.strip() == "error: KEEP_FREED_MEMORY must be 0 or 1, got 2", out.stderr[-2000:]
+    assert not (tmp_path / "var").exists()  # nothing written, nothing started
